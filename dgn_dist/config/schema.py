@@ -1,0 +1,149 @@
+"""Typed configuration: one dataclass per component.
+
+Every field carries its documentation in ``metadata["help"]``; fields typed with ``Literal``
+accept only the listed choices. TOML files in ``configs/`` have one table per dataclass
+(``[run]``, ``[data]``, ...). This module imports nothing heavy (no torch) so that a bad
+configuration is reported before any expensive import.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+def doc(default: object, help: str) -> object:  # noqa: A002 - "help" mirrors argparse
+    """A dataclass field with a default and its documentation."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class RunConfig:
+    name: str = doc("run", "Run name; the default run directory is runs/<name>-<timestamp>.")
+    dir: str = doc("", "Run directory (TensorBoard events, config, checkpoints, summary.json); "
+                   "empty = runs/<name>-<timestamp>.")
+    seed: int = doc(0, "Seed for data split, initialisation, data order and sampling.")
+    epochs: int = doc(10, "Number of training epochs.")
+    max_steps: int = doc(0, "Stop after this many optimizer steps (0 = no limit).")
+    device: Literal["auto", "cpu", "cuda"] = doc("auto", "Device; auto = cuda when available.")
+    deterministic: bool = doc(True, "Use deterministic algorithms (bit-exact reruns on CPU).")
+    quiet: bool = doc(False, "No progress bar (it is also off when stdout is not a TTY).")
+    resume: str = doc("", "Resume from a checkpoint: '' (fresh run), 'latest' (newest "
+                      "checkpoint in run.dir) or a checkpoint path.")
+    eval_every: int = doc(1, "Evaluate on the test split every N epochs (the last epoch always).")
+
+
+@dataclass
+class DataConfig:
+    dataset: Literal["digits", "mnist", "svhn", "cifar10", "cifar100", "synthetic"] = doc(
+        "digits", "Data set. digits ships with scikit-learn; mnist/svhn/cifar* are read from "
+        "data.root in torchvision's on-disk format; synthetic is generated.")
+    root: str = doc("data", "Folder holding the torchvision-format data sets.")
+    download: bool = doc(False, "Let torchvision download missing data sets (needs internet).")
+    batch_size: int = doc(8, "Global training batch size.")
+    eval_batch_size: int = doc(256, "Batch size for evaluation.")
+    val_fraction: float = doc(0.1, "Fraction of the training split held out for validation "
+                              "(hyper-parameter tuning and bandit rewards; never the test set).")
+    test_fraction: float = doc(0.2, "digits only: fraction of the 1797 images in the test split.")
+    augment: Literal["auto", "none", "crop_flip"] = doc(
+        "auto", "Training augmentation; auto = crop_flip for cifar100 (as the paper), else none.")
+    num_workers: int = doc(0, "DataLoader worker processes.")
+    synthetic_shape: list[int] = doc([3, 32, 32], "synthetic: image shape [C, H, W].")
+    synthetic_classes: int = doc(10, "synthetic: number of classes.")
+    synthetic_train_size: int = doc(2048, "synthetic: number of training images.")
+    synthetic_test_size: int = doc(512, "synthetic: number of test images.")
+    loader: Literal["torch"] = doc("torch", "Data loader implementation.")
+
+
+@dataclass
+class ModelConfig:
+    name: Literal["digits_resnet", "mnist_resnet", "svhn_resnet", "table3_cnn", "coop_cnn",
+                  "resnet18", "mlp"] = doc("digits_resnet", "Model from the registry (App. E.1).")
+    activation: Literal["auto", "tanh", "relu"] = doc(
+        "auto", "Activation; auto = the paper's choice for the model (tanh for digits_resnet).")
+    width: int = doc(0, "Feature maps per conv (0 = the paper's value for the model).")
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["sgd", "rmsprop", "adam", "ekfac", "emsa", "dgnopt"] = doc(
+        "sgd", "Optimizer.")
+    lr: float = doc(0.1, "Learning rate.")
+    momentum: float = doc(0.0, "Momentum (sgd, rmsprop).")
+    weight_decay: float = doc(0.0, "Weight decay; for dgnopt the stage cost l = wd/2 |theta|^2.")
+    betas: list[float] = doc([0.9, 0.999], "Adam betas.")
+    eps: float = doc(1e-8, "Adam/RMSprop epsilon.")
+    alpha: float = doc(0.99, "RMSprop smoothing constant.")
+    lr_schedule: Literal["constant", "multistep"] = doc("constant", "Learning-rate schedule.")
+    milestones: list[int] = doc([], "multistep: epochs at which the lr is multiplied by gamma.")
+    gamma: float = doc(0.1, "multistep: decay factor.")
+    emsa_rho: float = doc(0.5, "EMSA: feasibility penalty rho of the augmented Hamiltonian "
+                          "(eq. 35).")
+    emsa_lbfgs_iters: int = doc(4, "EMSA: L-BFGS iterations per layer and step.")
+
+
+@dataclass
+class CurvatureConfig:
+    kind: Literal["identity", "diag", "kfac", "ekfac"] = doc(
+        "ekfac", "Parameter curvature Q_theta_theta (EKFAC optimizer and DGNOpt players).")
+    damping: float = doc(1e-3, "Damping added to the curvature (Tikhonov).")
+    damping_decay: float = doc(1.0, "Damping multiplied by this factor every epoch "
+                               "(1.0 = constant damping).")
+    damping_min: float = doc(1e-6, "Floor for a decaying damping.")
+    ema_decay: float = doc(0.95, "Exponential moving average decay of the Kronecker factors.")
+    factor_interval: int = doc(1, "Update the Kronecker factors every N steps.")
+    inverse_interval: int = doc(20, "Recompute inverses / eigenbases every N steps.")
+    vxx: Literal["empirical", "sampled", "exact"] = doc(
+        "empirical", "dgnopt: terminal V_xx factors (DESIGN.md section 3).")
+    rank: int = doc(1, "dgnopt: rank r of the per-sample V_xx factors (sampled: r samples; "
+                    "exact: r = number of classes; empirical: 1).")
+
+
+@dataclass
+class GameConfig:
+    info: Literal["olne", "fne", "gr"] = doc(
+        "fne", "Information structure: olne (back-propagation), fne (feedback Nash), "
+        "gr (cooperative, group rational).")
+    alignment: Literal["first", "second"] = doc(
+        "second", "Residual blocks: align the shortcut with the block's first or second "
+        "layer (Fig. 8a).")
+    players_per_layer: int = doc(1, "Fictitious players per layer (eq. 16).")
+    feedback_scale: float = doc(1.0, "Multiplies the feedback K dx in the update pass "
+                                "(0 turns the feedback off).")
+
+
+@dataclass
+class ParallelConfig:
+    dp: int = doc(0, "Data-parallel degree (0 = world size / pp).")
+    pp: int = doc(1, "Pipeline-parallel degree (number of stage shards).")
+    backend: Literal["auto", "gloo", "nccl"] = doc(
+        "auto", "torch.distributed backend; auto = nccl on CUDA, gloo on CPU.")
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = doc(True, "Write TensorBoard event files into the run directory.")
+    log_every: int = doc(10, "Write step scalars every N steps.")
+    curvature_every: int = doc(50, "Write curvature statistics every N steps (0 = never).")
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = doc(0, "Write a checkpoint every N steps (0 = at the end of each "
+                           "epoch only).")
+    keep_last: int = doc(2, "Number of step checkpoints kept (the final one is always kept).")
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    curvature: CurvatureConfig = field(default_factory=CurvatureConfig)
+    game: GameConfig = field(default_factory=GameConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

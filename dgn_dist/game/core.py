@@ -1,0 +1,112 @@
+"""The dynamic game a network defines (DESIGN.md section 2).
+
+A :class:`Game` is a sequence of :class:`Stage` modules. Stage ``t`` maps the state tuple
+``x_t`` (one tensor per live path: main path, carried skip path, ...) to ``x_{t+1}``. The
+players of a stage are the parametrised modules it calls; parameterless paths (identity
+shortcut, carried skip tensor) are dummy players and are not listed. Stages *reference* the
+model's modules (they never copy them), so updating a player updates the model, and
+``game(x)`` equals ``model(x)``.
+
+Every player module is called exactly once per stage forward, so module hooks see one input
+and one output per call (Kronecker factors are captured that way).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+State = tuple[Tensor, ...]
+CurvatureForm = Literal["kron", "diag"]
+
+
+@dataclass(eq=False)
+class Player:
+    """One player: a parametrised module of a stage.
+
+    Attributes:
+        name: dotted module name in the model (``"block1.conv2"``).
+        module: the module itself (Linear / Conv2d get Kronecker curvature; BatchNorm and
+            any other parametrised module get diagonal curvature).
+        curvature: ``"kron"`` or ``"diag"``.
+        output_group: players of one stage whose outputs are *added* into one tensor share a
+            group (Fig. 3a cooperative block, a shortcut aligned with the layer it joins,
+            fictitious players); players writing separate outputs have distinct groups.
+    """
+
+    name: str
+    module: nn.Module
+    curvature: CurvatureForm
+    output_group: int = 0
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.module.parameters(recurse=False) if p.requires_grad]
+
+
+class Stage(nn.Module):
+    """Dynamics ``F_t``: a state tuple in, a state tuple out.
+
+    Subclasses implement :meth:`forward`; ``players`` lists the player modules it calls.
+    """
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+        self.players: list[Player] = []
+
+    def forward(self, state: State) -> State:  # pragma: no cover - overridden
+        raise TypeError(f"{type(self).__name__} must override forward(state)")
+
+    def describe(self) -> str:
+        """One line for ``dgn-train --print-game``."""
+        names = ", ".join(f"{p.name}[{p.curvature}, g{p.output_group}]" for p in self.players)
+        return f"{self.name}: {type(self).__name__} players=({names or 'dummy only'})"
+
+
+class Game(nn.Module):
+    """The stages of a network in order; ``forward(x)`` returns the logits."""
+
+    def __init__(self, stages: list[Stage]) -> None:
+        super().__init__()
+        self.stages = nn.ModuleList(stages)
+
+    def initial_state(self, x: Tensor) -> State:
+        return (x,)
+
+    def trajectory(self, x: Tensor) -> list[State]:
+        """All states ``[x_0, ..., x_T]`` of one forward pass."""
+        states = [self.initial_state(x)]
+        for stage in self.stages:
+            states.append(stage(states[-1]))
+        return states
+
+    def forward(self, x: Tensor) -> Tensor:
+        state = self.initial_state(x)
+        for stage in self.stages:
+            state = stage(state)
+        if len(state) != 1:
+            raise RuntimeError(f"the last stage must return one tensor (logits), got {len(state)}")
+        return state[0]
+
+    def players(self) -> Iterator[tuple[int, Player]]:
+        for t, stage in enumerate(self.stages):
+            for player in stage.players:
+                yield t, player
+
+    def describe(self, example: Tensor | None = None) -> str:
+        """Stages, players and (given an example input) state shapes."""
+        lines = []
+        shapes: list[list[tuple[int, ...]]] = []
+        if example is not None:
+            with torch.no_grad():
+                shapes = [[tuple(s.shape) for s in st] for st in self.trajectory(example)]
+        for t, stage in enumerate(self.stages):
+            line = f"stage {t:2d}  {stage.describe()}"
+            if shapes:
+                line += f"  state {shapes[t]} -> {shapes[t + 1]}"
+            lines.append(line)
+        return "\n".join(lines)
