@@ -9,10 +9,10 @@ configuration is reported before any expensive import.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 
-def doc(default: object, help: str) -> object:  # noqa: A002 - "help" mirrors argparse
+def doc(default: Any, help: str) -> Any:  # noqa: A002 - "help" mirrors argparse
     """A dataclass field with a default and its documentation."""
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"help": help})
