@@ -44,7 +44,18 @@ class Player:
     output_group: int = 0
 
     def parameters(self) -> list[nn.Parameter]:
+        """The trainable parameters, in ``module.parameters()`` order (the order in which
+        a player's parameter vector ``theta_{t,n}`` is flattened and concatenated)."""
         return [p for p in self.module.parameters(recurse=False) if p.requires_grad]
+
+    def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """``(model-level dotted name, parameter)`` pairs, e.g. ``("block1.conv2.weight", w)``."""
+        return [(f"{self.name}.{n}" if self.name else n, p)
+                for n, p in self.module.named_parameters(recurse=False) if p.requires_grad]
+
+    def numel(self) -> int:
+        """Size of the player's parameter vector."""
+        return sum(p.numel() for p in self.parameters())
 
 
 class Stage(nn.Module):
@@ -61,10 +72,16 @@ class Stage(nn.Module):
     def forward(self, state: State) -> State:  # pragma: no cover - overridden
         raise TypeError(f"{type(self).__name__} must override forward(state)")
 
+    def dynamics(self) -> str:
+        """A short text of what ``forward`` computes (module names in call order)."""
+        return type(self).__name__
+
     def describe(self) -> str:
         """One line for ``dgn-train --print-game``."""
-        names = ", ".join(f"{p.name}[{p.curvature}, g{p.output_group}]" for p in self.players)
-        return f"{self.name}: {type(self).__name__} players=({names or 'dummy only'})"
+        names = ", ".join(f"{p.name}[{p.curvature}, g{p.output_group}, {p.numel()}]"
+                          for p in self.players)
+        return (f"{self.name}: {type(self).__name__} players=({names or 'dummy only'}) "
+                f"F: {self.dynamics()}")
 
 
 class Game(nn.Module):

@@ -1,0 +1,27 @@
+"""``dgn-repro NAME``: reproduction commands for the paper's experiments."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from dgn_dist.repro import quickstart
+
+COMMANDS = {
+    "quickstart": (quickstart, "README main job: DGNOpt and baselines on DIGITS"),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dgn-repro", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="NAME")
+    for name, (module, help_text) in COMMANDS.items():
+        module.add_arguments(sub.add_parser(name, help=help_text, description=module.__doc__))
+    args = parser.parse_args(argv)
+    module, _ = COMMANDS[args.command]
+    return int(module.run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,404 @@
+"""The training loop: one process, CPU or one GPU, readable top to bottom.
+
+:func:`train` builds the data, model, optimizer and learning-rate schedule, restores a
+checkpoint when ``run.resume`` is set, and runs the ordinary loop for every optimizer::
+
+    logits = model(x); loss = F.cross_entropy(logits, y)
+    opt.zero_grad(); loss.backward(); opt.step()
+
+Exact resume: the data order comes from ``(seed, epoch)`` (:mod:`dgn_dist.sampler`), data
+loaders never draw from the global random state, and a checkpoint stores the model,
+optimizer (curvature state included), scheduler, damping, every RNG state, the position in
+the epoch and the running epoch statistics; the losses after resuming equal those of an
+uninterrupted run. Ctrl-C finishes the current step, writes a checkpoint and re-raises
+``KeyboardInterrupt`` (a second Ctrl-C stops at once, without a checkpoint).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from dgn_dist.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    atomic_write_bytes,
+    capture_rng_state,
+    load_checkpoint,
+    load_scheduler_state,
+    restore_rng_state,
+    scheduler_state,
+)
+from dgn_dist.config import Config, ConfigError, dump_toml
+from dgn_dist.device import configure_determinism, is_main_process, resolve_device, seed_everything
+from dgn_dist.metrics import (
+    MetricsWriter,
+    curvature_scalars,
+    epoch_line,
+    log,
+    progress,
+    progress_enabled,
+)
+from dgn_dist.sampler import ResumableSampler
+
+CHECKPOINT_FORMAT = 1
+StepHook = Callable[[int, float], None]
+
+
+@dataclasses.dataclass
+class Progress:
+    """Where training stands; stored in every checkpoint next to the module states."""
+
+    epoch: int = 0  # current epoch, 0-based (= completed epochs)
+    position: int = 0  # batches of the current epoch already trained
+    step: int = 0  # optimizer steps so far
+    best_test_acc: float | None = None
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    epoch_stats: dict[str, float] = dataclasses.field(default_factory=dict)
+    samples: int = 0  # training samples seen, all sessions
+    train_time_s: float = 0.0  # time inside the training loops, all sessions
+    wall_time_s: float = 0.0  # whole-run wall time, all sessions
+
+
+class RunningStats:
+    """Loss and accuracy sums kept on the device (no host sync per step)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.seen = 0
+        self.steps = 0
+        self.time_s = 0.0
+
+    def add(self, loss: Tensor, logits: Tensor, y: Tensor) -> None:
+        self.loss_sum += loss.detach().double() * len(y)
+        self.correct += (logits.detach().argmax(dim=1) == y).sum()
+        self.seen += len(y)
+        self.steps += 1
+
+    def loss(self) -> float:
+        return self.loss_sum.item() / max(self.seen, 1)
+
+    def acc(self) -> float:
+        return 100.0 * self.correct.item() / max(self.seen, 1)
+
+    def state(self) -> dict[str, float]:
+        return {"loss_sum": self.loss_sum.item(), "correct": int(self.correct.item()),
+                "seen": self.seen, "steps": self.steps}
+
+    def load(self, state: dict[str, float]) -> None:
+        self.reset()
+        if state:
+            self.loss_sum.fill_(state["loss_sum"])
+            self.correct.fill_(int(state["correct"]))
+            self.seen, self.steps = int(state["seen"]), int(state["steps"])
+
+
+class InterruptGuard:
+    """First Ctrl-C sets a flag that :meth:`check` turns into ``KeyboardInterrupt`` at the
+    next step boundary; a second Ctrl-C raises at once. Only installed in the main thread."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> InterruptGuard:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        os.write(2, b"\ninterrupt: stopping after this step (Ctrl-C again to stop now)\n")
+
+    def check(self) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[float, float]:
+    """Accuracy (percent) and mean cross-entropy of ``model`` over ``loader``."""
+    was_training = model.training
+    model.eval()
+    stats = RunningStats(device)
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        logits = model(x)
+        stats.add(F.cross_entropy(logits, y), logits, y)
+    model.train(was_training)
+    return stats.acc(), stats.loss()
+
+
+def _loader(dataset: Dataset, batch_size: int, cfg: Config, device: torch.device,
+            seed: int, sampler: ResumableSampler | None = None) -> DataLoader:
+    # An explicit generator keeps DataLoader from drawing its worker seed from the global RNG.
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False,
+                      num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
+                      generator=torch.Generator().manual_seed(seed))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _checkpoint_state(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer,
+                      scheduler: torch.optim.lr_scheduler.LRScheduler, prog: Progress,
+                      ) -> dict[str, Any]:
+    damping = getattr(optimizer, "damping", None)
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler_state(scheduler),
+        "damping": None if damping is None else float(damping),
+        "rng": capture_rng_state(),
+        "progress": dataclasses.asdict(prog),
+        "config": dump_toml(cfg),
+    }
+
+
+def _restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+             scheduler: torch.optim.lr_scheduler.LRScheduler) -> Progress:
+    ckpt = load_checkpoint(path)
+    if ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"checkpoint '{path}' has format {ckpt.get('format')!r}, this "
+                              f"version reads format {CHECKPOINT_FORMAT}")
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        load_scheduler_state(scheduler, ckpt["scheduler"])
+    except (RuntimeError, KeyError, ValueError) as err:
+        raise CheckpointError(
+            f"checkpoint '{path}' does not match the configured model/optimizer ({err}); "
+            "resume with the configuration the run started with (its config.toml)") from err
+    if ckpt["damping"] is not None and hasattr(optimizer, "damping"):
+        optimizer.damping = ckpt["damping"]
+    restore_rng_state(ckpt["rng"])  # last: nothing may draw random numbers after this
+    return Progress(**ckpt["progress"])
+
+
+def train(cfg: Config, on_step: StepHook | None = None) -> dict[str, Any]:
+    """Train as configured and return the summary also written to ``summary.json``.
+
+    Args:
+        cfg: resolved configuration; ``cfg.run.dir`` must be set (the CLI fills it in).
+        on_step: called as ``on_step(step, loss)`` after every optimizer step (tests, tools).
+
+    Raises:
+        KeyboardInterrupt: after Ctrl-C, once the checkpoint of the current step is written.
+        dgn_dist.data.DataError, CheckpointError, ConfigError, DeviceError: user-fixable
+            input problems (missing files, settings the model or optimizer rejects).
+    """
+    from dgn_dist.data import build_data
+    from dgn_dist.models import build_model
+    from dgn_dist.optim import build_optimizer
+
+    if not cfg.run.dir:
+        raise ValueError("cfg.run.dir is empty; set run.dir (dgn-train fills in a default)")
+    session_start = time.perf_counter()
+    run_dir = Path(cfg.run.dir)
+    main = is_main_process()
+
+    # --- build ---------------------------------------------------------------------------
+    device = resolve_device(cfg.run.device)
+    seed_everything(cfg.run.seed)
+    configure_determinism(device, cfg.run.deterministic)
+    data = build_data(cfg.data, cfg.run.seed)
+    try:  # these raise ValueError for settings the config types cannot rule out
+        model = build_model(cfg.model, data.input_shape, data.num_classes).to(device)
+        optimizer = build_optimizer(cfg, model)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    milestones = cfg.optim.milestones if cfg.optim.lr_schedule == "multistep" else []
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, cfg.optim.gamma)
+    checkpoints = CheckpointManager(run_dir / "checkpoints", cfg.checkpoint.keep_last)
+    prog = Progress()
+    if cfg.run.resume:
+        path = checkpoints.resolve(cfg.run.resume)
+        prog = _restore(path, model, optimizer, scheduler)
+        log(f"resumed from {path}: step {prog.step}, epoch {prog.epoch + 1}, "
+            f"batch {prog.position}")
+    wall_before = prog.wall_time_s
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(run_dir / "config.toml", lambda h: h.write(dump_toml(cfg).encode()))
+    writer = MetricsWriter(run_dir / "tb", cfg.logging.tensorboard,
+                           purge_step=prog.step + 1 if cfg.run.resume else None)
+    sampler = ResumableSampler(len(data.train), cfg.run.seed)
+    steps_per_epoch = math.ceil(len(data.train) / cfg.data.batch_size)
+    test_loader = _loader(data.test, cfg.data.eval_batch_size, cfg, device, seed=0)
+    has_val = data.val is not None and len(data.val) > 0
+    val_loader = _loader(data.val, cfg.data.eval_batch_size, cfg, device, 0) if has_val else None
+    epoch_stats, window = RunningStats(device), RunningStats(device)
+    epoch_stats.load(prog.epoch_stats)
+    show_bar = progress_enabled(cfg.run.quiet)
+    max_steps = cfg.run.max_steps
+    saved_at = -1
+
+    def save() -> Path | None:
+        nonlocal saved_at
+        prog.epoch_stats = epoch_stats.state()
+        prog.wall_time_s = wall_before + time.perf_counter() - session_start
+        saved_at = prog.step
+        if not main:
+            return None
+        return checkpoints.save(_checkpoint_state(cfg, model, optimizer, scheduler, prog),
+                                prog.step)
+
+    def run_eval() -> tuple[float, float | None]:
+        test_acc, test_loss = evaluate(model, test_loader, device)
+        val_acc = evaluate(model, val_loader, device)[0] if val_loader is not None else None
+        prog.best_test_acc = max(prog.best_test_acc or 0.0, test_acc)
+        writer.scalars({"acc/test": test_acc, "loss/test": test_loss, "acc/val": val_acc},
+                       prog.step)
+        return test_acc, val_acc
+
+    def end_epoch(epoch_time: float) -> None:
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()  # milestones count epochs
+        if hasattr(optimizer, "damping") and cfg.curvature.damping_decay < 1.0:
+            optimizer.damping = max(optimizer.damping * cfg.curvature.damping_decay,
+                                    cfg.curvature.damping_min)
+        prog.epoch, prog.position = prog.epoch + 1, 0
+        train_loss, train_acc = epoch_stats.loss(), epoch_stats.acc()
+        epoch_stats.reset()
+        test_acc = val_acc = None
+        if prog.epoch % cfg.run.eval_every == 0 or prog.epoch == cfg.run.epochs:
+            test_acc, val_acc = run_eval()
+        prog.history.append({"epoch": prog.epoch, "step": prog.step, "lr": lr,
+                             "train_loss": train_loss, "train_acc": train_acc,
+                             "test_acc": test_acc, "val_acc": val_acc})
+        log(epoch_line(prog.epoch, cfg.run.epochs, prog.step, train_loss, train_acc,
+                       test_acc, val_acc, lr, epoch_time))
+        save()
+
+    # --- train ---------------------------------------------------------------------------
+    consistent = True  # False while a step or an epoch end is half done
+    stop = bool(max_steps) and prog.step >= max_steps
+    try:
+        with InterruptGuard() as guard:
+            while prog.epoch < cfg.run.epochs and not stop:
+                epoch_start = last = time.perf_counter()
+                start = min(prog.position * cfg.data.batch_size, len(data.train))
+                sampler.set_epoch(prog.epoch, start)
+                loader = _loader(data.train, cfg.data.batch_size, cfg, device,
+                                 seed=cfg.run.seed * 100_003 + prog.epoch, sampler=sampler)
+                bar = progress(loader, steps_per_epoch, prog.position,
+                               f"epoch {prog.epoch + 1}", show_bar)
+                model.train()
+                for x, y in bar:
+                    consistent = False
+                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                    logits = model(x)
+                    loss = F.cross_entropy(logits, y)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    prog.step, prog.position = prog.step + 1, prog.position + 1
+                    prog.samples += len(y)
+                    epoch_stats.add(loss, logits, y)
+                    window.add(loss, logits, y)
+                    consistent = True
+
+                    log_now = prog.step % cfg.logging.log_every == 0
+                    if log_now:
+                        _sync(device)
+                    now = time.perf_counter()
+                    prog.train_time_s += now - last
+                    window.time_s += now - last
+                    last = now
+                    if log_now:
+                        lr = optimizer.param_groups[0]["lr"]
+                        writer.scalars({"loss/train": window.loss(), "acc/train": window.acc(),
+                                        "lr": lr, "time/step": window.time_s / window.steps},
+                                       prog.step)
+                        bar.set_postfix_str(f"loss {window.loss():.4f}")
+                        window.reset()
+                    curv = cfg.logging.curvature_every
+                    if curv and prog.step % curv == 0:
+                        writer.scalars(curvature_scalars(optimizer), prog.step)
+                    every = cfg.checkpoint.every_steps
+                    if every and prog.step % every == 0:
+                        save()
+                    if on_step is not None:
+                        on_step(prog.step, loss.item())
+                    guard.check()
+                    if max_steps and prog.step >= max_steps:
+                        stop = True
+                        break
+                bar.close()
+                if prog.position < steps_per_epoch:
+                    break  # stopped inside the epoch (run.max_steps)
+                consistent = False
+                end_epoch(time.perf_counter() - epoch_start)
+                consistent = True
+                guard.check()
+    except KeyboardInterrupt:
+        if consistent:
+            path = save() if saved_at != prog.step else checkpoints.latest()
+            log(f"interrupted at step {prog.step}; checkpoint {path}; continue with "
+                f"run.dir={run_dir} run.resume=latest")
+        writer.close()
+        raise
+    except BaseException:
+        writer.close()
+        raise
+
+    # --- finish --------------------------------------------------------------------------
+    last_record = prog.history[-1] if prog.history else None
+    if last_record is not None and last_record["step"] == prog.step and \
+            last_record["test_acc"] is not None:
+        test_acc, val_acc = last_record["test_acc"], last_record["val_acc"]
+    else:
+        test_acc, val_acc = run_eval()
+    if saved_at != prog.step:
+        save()
+    writer.close()
+    if epoch_stats.seen:
+        train_loss, train_acc = epoch_stats.loss(), epoch_stats.acc()
+    elif last_record is not None:
+        train_loss, train_acc = last_record["train_loss"], last_record["train_acc"]
+    else:
+        train_loss = train_acc = None
+    prog.wall_time_s = wall_before + time.perf_counter() - session_start
+    summary = {
+        "test_acc": test_acc, "best_test_acc": prog.best_test_acc, "val_acc": val_acc,
+        "train_loss": train_loss, "train_acc": train_acc, "steps": prog.step,
+        "epochs": prog.epoch + prog.position / steps_per_epoch,
+        "lr": optimizer.param_groups[0]["lr"],
+        "wall_time_s": prog.wall_time_s, "train_time_s": prog.train_time_s,
+        "samples_per_s": prog.samples / prog.train_time_s if prog.train_time_s else None,
+        "optimizer": cfg.optim.name, "model": cfg.model.name, "dataset": cfg.data.dataset,
+        "seed": cfg.run.seed, "device": str(device), "run_dir": str(run_dir),
+        "history": prog.history,
+    }
+    if main:
+        text = json.dumps(summary, indent=2) + "\n"
+        atomic_write_bytes(run_dir / "summary.json", lambda h: h.write(text.encode()))
+    return summary
