@@ -81,7 +81,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 def capture_rng_state() -> dict[str, Any]:
     """The states of torch (CPU and every CUDA device), numpy and python ``random``."""
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    np_state: Any = np.random.get_state(legacy=True)
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np_state
     py_version, py_state, py_gauss = random.getstate()
     return {
         "torch": torch.get_rng_state(),

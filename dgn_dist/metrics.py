@@ -14,7 +14,11 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import Tensor
+
 from dgn_dist.device import is_main_process
+
 
 class MetricsWriter:
     """Scalars to TensorBoard event files in ``log_dir``; disabled -> writes nothing.
@@ -50,6 +54,44 @@ class MetricsWriter:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+class RunningStats:
+    """Loss and accuracy sums kept on the device (no host sync per step)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.seen = 0
+        self.steps = 0
+        self.time_s = 0.0
+
+    def add(self, loss: Tensor, logits: Tensor, y: Tensor) -> None:
+        self.loss_sum += loss.detach().double() * len(y)
+        self.correct += (logits.detach().argmax(dim=1) == y).sum()
+        self.seen += len(y)
+        self.steps += 1
+
+    def loss(self) -> float:
+        return self.loss_sum.item() / max(self.seen, 1)
+
+    def acc(self) -> float:
+        return 100.0 * self.correct.item() / max(self.seen, 1)
+
+    def state(self) -> dict[str, float]:
+        return {"loss_sum": self.loss_sum.item(), "correct": int(self.correct.item()),
+                "seen": self.seen, "steps": self.steps}
+
+    def load(self, state: dict[str, float]) -> None:
+        self.reset()
+        if state:
+            self.loss_sum.fill_(state["loss_sum"])
+            self.correct.fill_(int(state["correct"]))
+            self.seen, self.steps = int(state["seen"]), int(state["steps"])
 
 
 def curvature_scalars(optimizer: object) -> dict[str, float]:

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from dgn_dist.checkpoint import (
@@ -47,6 +47,7 @@ from dgn_dist.config import Config, ConfigError, dump_toml
 from dgn_dist.device import configure_determinism, is_main_process, resolve_device, seed_everything
 from dgn_dist.metrics import (
     MetricsWriter,
+    RunningStats,
     curvature_scalars,
     epoch_line,
     log,
@@ -72,44 +73,6 @@ class Progress:
     samples: int = 0  # training samples seen, all sessions
     train_time_s: float = 0.0  # time inside the training loops, all sessions
     wall_time_s: float = 0.0  # whole-run wall time, all sessions
-
-
-class RunningStats:
-    """Loss and accuracy sums kept on the device (no host sync per step)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.reset()
-
-    def reset(self) -> None:
-        self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        self.correct = torch.zeros((), dtype=torch.int64, device=self.device)
-        self.seen = 0
-        self.steps = 0
-        self.time_s = 0.0
-
-    def add(self, loss: Tensor, logits: Tensor, y: Tensor) -> None:
-        self.loss_sum += loss.detach().double() * len(y)
-        self.correct += (logits.detach().argmax(dim=1) == y).sum()
-        self.seen += len(y)
-        self.steps += 1
-
-    def loss(self) -> float:
-        return self.loss_sum.item() / max(self.seen, 1)
-
-    def acc(self) -> float:
-        return 100.0 * self.correct.item() / max(self.seen, 1)
-
-    def state(self) -> dict[str, float]:
-        return {"loss_sum": self.loss_sum.item(), "correct": int(self.correct.item()),
-                "seen": self.seen, "steps": self.steps}
-
-    def load(self, state: dict[str, float]) -> None:
-        self.reset()
-        if state:
-            self.loss_sum.fill_(state["loss_sum"])
-            self.correct.fill_(int(state["correct"]))
-            self.seen, self.steps = int(state["seen"]), int(state["steps"])
 
 
 class InterruptGuard:
@@ -361,8 +324,8 @@ def train(cfg: Config, on_step: StepHook | None = None) -> dict[str, Any]:
                 guard.check()
     except KeyboardInterrupt:
         if consistent:
-            path = save() if saved_at != prog.step else checkpoints.latest()
-            log(f"interrupted at step {prog.step}; checkpoint {path}; continue with "
+            written = save() if saved_at != prog.step else checkpoints.latest()
+            log(f"interrupted at step {prog.step}; checkpoint {written}; continue with "
                 f"run.dir={run_dir} run.resume=latest")
         writer.close()
         raise
@@ -380,6 +343,8 @@ def train(cfg: Config, on_step: StepHook | None = None) -> dict[str, Any]:
     if saved_at != prog.step:
         save()
     writer.close()
+    train_loss: float | None
+    train_acc: float | None
     if epoch_stats.seen:
         train_loss, train_acc = epoch_stats.loss(), epoch_stats.acc()
     elif last_record is not None:

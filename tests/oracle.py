@@ -5,7 +5,9 @@ API (stable; import from tests as ``from oracle import ...``)::
     solve_game(game, x, y, *, info="fne", lr=1.0, damping=0.0, weight_decay=0.0,
                feedback_scale=1.0, terminal_factors=None, curvature="gn",
                curvature_override=None, zero_cross=False, zero_feedback=False) -> OracleResult
-        info: "olne" | "fne" | "gr".  terminal_factors: None -> exact CE Hessian, else
+        info: "olne" (each player's own block, K = 0, V_x = Q_x, V_xx = Q_xx: back-prop),
+        "fne" (each player's own block) | "gr" (joint block matrix).
+        terminal_factors: None -> exact CE Hessian (block-diagonal over samples), else
         u [B, r, C] with V_xx,b = sum_i u_bi u_biᵀ.  curvature: "gn" (ℓ_θθ + F_θᵀV_xxF_θ + λI)
         or "identity" (I).  curvature_override(t, Q_thth) -> matrix used instead (no damping
         added).  zero_cross: zero the cross-player blocks (gr).  zero_feedback: Q_θx := 0.
@@ -239,7 +241,7 @@ def solve_game(game: Game, x: Tensor, y: Tensor, *, info: Info = "fne", lr: floa
     x = x.detach().double()
     with torch.no_grad():
         states = g.trajectory(x)
-    fns = [_StageFn(stage, states[t]) for t, stage in enumerate(g.stages)]
+    fns = [_StageFn(stage, states[t]) for t, stage in enumerate(g.stage_list())]
     logits = states[-1][0].detach().requires_grad_(True)
     loss = tnf.cross_entropy(logits, y)
     (v_x,) = torch.autograd.grad(loss, logits)

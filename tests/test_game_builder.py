@@ -227,3 +227,31 @@ def test_custom_parametrised_module_and_shared_weights_rejected() -> None:
     with pytest.raises(ValueError, match="alignment must be one of first, second"):
         build_game(nn.Linear(2, 2), alignment="third")  # type: ignore[arg-type]
     assert issubclass(GameBuildError, ValueError)
+
+
+def test_player_outputs_not_overwritten_in_place() -> None:
+    """torchvision's ReLU(inplace=True) after a BN player must not overwrite its output."""
+    model = resnet18((3, 8, 8), 3)
+    game = build_game(model)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        expected = model(x)
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for _, player in game.players():
+        player.module.register_forward_hook(
+            lambda m, i, o, n=player.name: seen.__setitem__(n, (o, o.detach().clone())))
+    with torch.no_grad():
+        assert torch.equal(game(x), expected)
+    assert len(seen) == 41 and all(torch.equal(out, copy) for out, copy in seen.values())
+    assert not any(getattr(m, "inplace", False) for m in game.modules())
+    assert model.relu.inplace  # the model itself is untouched
+
+
+def test_describe_batch_of_one_keeps_train_mode_and_running_stats() -> None:
+    model = resnet18((3, 8, 8), 3)
+    game = build_game(model)
+    before = model.bn1.running_mean.clone()
+    text = game.describe(torch.randn(1, 3, 8, 8))
+    assert text.splitlines()[-1].endswith("[(1, 512)] -> [(1, 3)]")
+    assert model.training and all(m.training for m in game.modules())
+    assert torch.equal(model.bn1.running_mean, before)

@@ -82,6 +82,8 @@ class OptimConfig:
     emsa_rho: float = doc(0.5, "EMSA: feasibility penalty rho of the augmented Hamiltonian "
                           "(eq. 35).")
     emsa_lbfgs_iters: int = doc(4, "EMSA: L-BFGS iterations per layer and step.")
+    emsa_line_search: bool = doc(False, "EMSA: strong-Wolfe line search in L-BFGS (lr is "
+                                 "then the initial step; off: lr is the step length).")
 
 
 @dataclass

@@ -16,11 +16,13 @@ stages from :mod:`dgn_dist.game.stages`:
 * :class:`dgn_dist.models.CooperativePair`: one stage, both layers in one output group.
 * torchvision ``ResNet``: its forward as an ordered list (stem, layers, pool, flatten, fc).
 
-Anything else raises :class:`GameBuildError` naming the module.
+Anything else raises :class:`GameBuildError` naming the module. Parametrised modules are
+referenced, never copied; only parameterless in-place modules get an out-of-place copy.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -70,6 +72,13 @@ def _torchvision_resnet() -> tuple[type[nn.Module], ...]:
     return ResNet, BasicBlock, Bottleneck
 
 
+def _child(module: nn.Module, attr: str) -> nn.Module:
+    child = getattr(module, attr)
+    if not isinstance(child, nn.Module):
+        raise _unplaceable(attr, module, f"attribute {attr!r} is not a module")
+    return child
+
+
 def _has_params(module: nn.Module) -> bool:
     return any(True for _ in module.parameters())
 
@@ -96,10 +105,10 @@ def _expand(name: str, module: nn.Module) -> list[Op]:
         ops = []
         for attr in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4",
                      "avgpool"):
-            ops += _expand(_join(name, attr), getattr(module, attr))
+            ops += _expand(_join(name, attr), _child(module, attr))
         # torchvision's forward calls torch.flatten(x, 1) here; nn.Flatten() is the same op.
         ops.append((_join(name, "<flatten>"), nn.Flatten(1)))
-        ops += _expand(_join(name, "fc"), module.fc)
+        ops += _expand(_join(name, "fc"), _child(module, "fc"))
         return ops
     return [(name, module)]
 
@@ -145,7 +154,7 @@ class _Draft:
         self.parts[self.tail_part].append(op)
 
     def build(self) -> Stage:
-        p = self.parts
+        p = {key: [_out_of_place(op) for op in ops] for key, ops in self.parts.items()}
         if self.kind == "chain":
             return ChainStage(self.name, p["ops"], self.players)
         if self.kind == "branch":
@@ -158,14 +167,25 @@ class _Draft:
                         p["post"], self.players)
 
 
+def _out_of_place(op: Op) -> Op:
+    """A parameterless in-place module (torchvision's ``ReLU(inplace=True)``) is replaced by
+    an out-of-place shallow copy: same values, but a player's output seen by a hook or kept
+    for autograd / JVP is never overwritten. Parametrised modules are always the model's."""
+    name, module = op
+    if getattr(module, "inplace", False) is True and not _has_params(module):
+        module = copy.copy(module)
+        setattr(module, "inplace", False)  # noqa: B010 - nn.Module attribute typing
+    return name, module
+
+
 def _residual_parts(name: str, block: nn.Module) -> tuple[list[list[Op]], list[Op], list[Op]]:
     """(main-path segments, shortcut ops, final ops) of a supported residual block."""
     def ops(*attrs: str) -> list[Op]:
-        return [(_join(name, a), getattr(block, a)) for a in attrs]
+        return [(_join(name, a), _child(block, a)) for a in attrs]
 
     if _uses_forward_of(block, ResidualBlock):
         return ([ops("conv1", "bn1", "act1"), ops("conv2", "bn2")],
-                _inner(_join(name, "shortcut"), block.shortcut), ops("act2"))
+                _inner(_join(name, "shortcut"), _child(block, "shortcut")), ops("act2"))
     tv = _torchvision_resnet()
     shortcut = _inner(_join(name, "downsample"), getattr(block, "downsample", None))
     if _uses_forward_of(block, tv[1]):  # BasicBlock: relu is used twice
@@ -226,7 +246,7 @@ def build_game(model: nn.Module, alignment: Alignment = "second") -> Game:
             drafts += _residual_drafts(name, module, pre, alignment)
             pre = []
         elif _uses_forward_of(module, CooperativePair):
-            branches = {f"b{i}": [(_join(name, a), getattr(module, a))]
+            branches = {f"b{i}": [(_join(name, a), _child(module, a))]
                         for i, a in enumerate(("first", "second"))}
             players = _classify(branches["b0"], 0) + _classify(branches["b1"], 0)
             drafts.append(_Draft("sum", _display(name), players,

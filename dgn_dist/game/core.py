@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -109,19 +109,33 @@ class Game(nn.Module):
             raise RuntimeError(f"the last stage must return one tensor (logits), got {len(state)}")
         return state[0]
 
+    def stage_list(self) -> list[Stage]:
+        """The stages, typed (``self.stages`` is an ``nn.ModuleList``)."""
+        return [cast(Stage, s) for s in self.stages]
+
     def players(self) -> Iterator[tuple[int, Player]]:
-        for t, stage in enumerate(self.stages):
+        """``(stage index, player)`` for every player, in stage order."""
+        for t, stage in enumerate(self.stage_list()):
             for player in stage.players:
                 yield t, player
 
     def describe(self, example: Tensor | None = None) -> str:
-        """Stages, players and (given an example input) state shapes."""
+        """Stages, players (``name[curvature, output group, size]``), each stage's dynamics
+        and, given an example input, the state shapes ``x_t -> x_{t+1}``."""
         lines = []
         shapes: list[list[tuple[int, ...]]] = []
         if example is not None:
-            with torch.no_grad():
-                shapes = [[tuple(s.shape) for s in st] for st in self.trajectory(example)]
-        for t, stage in enumerate(self.stages):
+            # Eval mode: shapes do not depend on it, BatchNorm then accepts a batch of one
+            # and printing leaves the running statistics alone.
+            modes = [(m, m.training) for m in self.modules()]
+            self.eval()
+            try:
+                with torch.no_grad():
+                    shapes = [[tuple(s.shape) for s in st] for st in self.trajectory(example)]
+            finally:
+                for module, mode in modes:
+                    module.training = mode
+        for t, stage in enumerate(self.stage_list()):
             line = f"stage {t:2d}  {stage.describe()}"
             if shapes:
                 line += f"  state {shapes[t]} -> {shapes[t + 1]}"

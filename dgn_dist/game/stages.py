@@ -21,6 +21,7 @@ order the model's forward calls them, so ``game(x)`` reproduces ``model(x)`` bit
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 from torch import Tensor, nn
 
@@ -177,5 +178,5 @@ class SumStage(Stage):
 
     def dynamics(self) -> str:
         pre = f"{self.pre.summary()} -> " if len(self.pre) else ""
-        summed = " + ".join(b.summary() for b in self.branches)
+        summed = " + ".join(cast(_Ops, b).summary() for b in self.branches)
         return f"{pre}({summed}) -> {self.post.summary()}"

@@ -1,0 +1,428 @@
+"""Curvature blocks: the pieces of one stage's parameter curvature ``Q_θθ`` (DESIGN.md §3).
+
+A block owns one or more players of a stage and solves ``Q_block x = rhs`` exactly for the
+matrix it represents (damping included):
+
+* :class:`IdentityBlock`  ``Q = I`` (Theorem 6: with ``Q_θx = 0`` this is SGD);
+* :class:`RmsDiagBlock`   ``Q = diag(sqrt(EMA(Q_θ ⊙ Q_θ))) + λ`` (eq. 13, RMSprop-like);
+* :class:`GNDiagBlock`    ``Q = diag(EMA(Σ_{b,i} ψ_{b,i}²)) + λ`` -- the exact diagonal of
+  ``F_θᵀ V_xx F_θ``; BatchNorm players under ``kfac`` / ``ekfac``;
+* :class:`KronBlock`      ``Q = A ⊗ G + λ I`` (``ekfac``: eigenvalue corrected) for one
+  Linear/Conv2d player, or for several players adding into ONE output (same output group):
+  the joint-input factorisation ``E[x xᵀ] ⊗ E[g gᵀ]`` with ``x`` the concatenated input rows;
+* :class:`CoopPairBlock`  two such groups writing SEPARATE outputs (eq. 27):
+  ``Q = [[P_uu, A_uv ⊗ B_uv], [A_vu ⊗ B_vu, P_vv]]``, solved with the Schur form of eq. 11
+  (``l = P_vv⁻¹ P_v``, ``k̃_u = P̃_uu⁻¹ (P_u − P_uv l)``), ``P̃_uu`` inverted by conjugate
+  gradients preconditioned with Prop. 5's ``(Ã_uu ⊗ B̃_uu + λ)⁻¹`` (eq. 14), then
+  ``k̃_v = P_vv⁻¹ (P_v − P_vu k̃_u)``. With ``coop_iters = 0`` this is the paper's eq. 15.
+
+Batch statistics (DESIGN.md §3): with ``B`` samples, ``L`` rows per sample and the ``V_xx``
+factors pulled back to the layer output as ``g``, ``A = mean_rows a aᵀ`` and
+``G = Σ_rows g gᵀ`` (the factors already carry the ``1/B`` of ``φ``), so ``A ⊗ G`` equals the
+dense ``F_θᵀ V_xx F_θ`` when ``B = 1``, ``r = 1`` and the layer is Linear. In
+:mod:`dgn_dist.optim.kronecker` terms that is ``num_examples = 1`` for ``A``/``G`` and
+``B · projected_sq_grads(..., B)`` for the EKFAC scaling (computed here from the true
+per-sample gradients ``ψ``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from dgn_dist.dgnopt.players import PlayerView
+from dgn_dist.optim.kronecker import KroneckerFactor, Mode, stat_dtype
+
+Native = dict[int, Tensor]
+
+
+@dataclass
+class StageBatch:
+    """What the sweep measured at one stage (indices are the stage's solver players).
+
+    Attributes:
+        num: samples ``B``.
+        rank: factors per sample ``r``.
+        q_theta: ``Q_θ`` per player, native form.
+        a: Kronecker players: input rows ``[B L, d_in]``; diagonal players: ``x̂ [B, C, ...]``.
+        g: output-side vectors of the ``V_xx`` factors (``None`` without a factor pass):
+            Kronecker ``[B r L, d_out]``, diagonal ``[B r, C, ...]``.
+    """
+
+    num: int
+    rank: int
+    q_theta: list[Tensor]
+    a: list[Tensor | None]
+    g: list[Tensor | None]
+
+    def psi(self, view: PlayerView, n: int, start: int, stop: int) -> Tensor:
+        """Per-sample gradients of player ``n`` for samples ``[start, stop)``:
+        ``[(stop - start) r, *native]``."""
+        a, g = self.a[n], self.g[n]
+        if a is None or g is None:
+            raise RuntimeError(f"player {view.name}: per-sample gradients need the factor pass")
+        r, num = self.rank, stop - start
+        if view.kron:
+            locs = a.shape[0] // self.num
+            return view.per_sample(num, r, a[start * locs:stop * locs],
+                                   g[start * r * locs:stop * r * locs])
+        return view.per_sample(num, r, a[start:stop], g[start * r:stop * r])
+
+
+def _ema(old: Tensor | None, new: Tensor, decay: float) -> Tensor:
+    return new.clone() if old is None else old.mul(decay).add_(new, alpha=1.0 - decay)
+
+
+def _batch_dot(x: Tensor, y: Tensor, lead: int) -> Tensor:
+    """Inner products over all but the first ``lead`` dims."""
+    return (x * y).reshape(*x.shape[:lead], -1).sum(-1)
+
+
+class Block:
+    """Base class: ``members`` are stage-solver player indices, ``damping`` is set per step."""
+
+    needs_psi = False
+
+    def __init__(self, members: Sequence[int], views: Sequence[PlayerView]) -> None:
+        self.members = list(members)
+        self.views = list(views)
+        self.damping = 0.0
+
+    def update(self, batch: StageBatch, decay: float, update_factors: bool,
+               refresh: bool) -> None:
+        """Fold this step's statistics in (before any per-sample statistics)."""
+
+    def psi_stats(self, psis: Native) -> None:
+        """Accumulate per-sample statistics of one chunk (only when ``needs_psi``)."""
+
+    def end_psi_stats(self, decay: float) -> None:
+        """Close the per-sample statistics of this step."""
+
+    def solve(self, rhs: Native) -> Native:
+        raise TypeError(f"{type(self).__name__} must implement solve")
+
+    def state(self) -> dict[str, Tensor]:
+        return {}
+
+    def load_state(self, state: dict[str, Tensor]) -> None:
+        del state
+
+    def player_stats(self) -> dict[str, dict[str, float]]:
+        return {}
+
+
+class IdentityBlock(Block):
+    """``Q_θθ = I``: no damping, no statistics."""
+
+    def solve(self, rhs: Native) -> Native:
+        return {n: rhs[n] for n in self.members}
+
+
+class RmsDiagBlock(Block):
+    """``diag(sqrt(EMA(Q_θ ⊙ Q_θ))) + λ`` for one player (eq. 13)."""
+
+    def __init__(self, member: int, view: PlayerView) -> None:
+        super().__init__([member], [view])
+        self.v: Tensor | None = None
+
+    def update(self, batch: StageBatch, decay: float, update_factors: bool,
+               refresh: bool) -> None:
+        if update_factors or self.v is None:
+            q = batch.q_theta[self.members[0]]
+            self.v = _ema(self.v, q * q, decay)
+
+    def solve(self, rhs: Native) -> Native:
+        assert self.v is not None, "RmsDiagBlock.solve before update"
+        n = self.members[0]
+        return {n: rhs[n] / (self.v.sqrt() + self.damping)}
+
+    def state(self) -> dict[str, Tensor]:
+        return {} if self.v is None else {"v": self.v}
+
+    def load_state(self, state: dict[str, Tensor]) -> None:
+        self.v = state.get("v")
+
+
+class GNDiagBlock(Block):
+    """``diag(EMA(Σ ψ²)) + λ``: the exact Gauss-Newton diagonal of one (BatchNorm) player."""
+
+    needs_psi = True
+
+    def __init__(self, member: int, view: PlayerView) -> None:
+        super().__init__([member], [view])
+        self.v: Tensor | None = None
+        self._acc: Tensor | None = None
+
+    def psi_stats(self, psis: Native) -> None:
+        sq = (psis[self.members[0]] ** 2).sum(0)
+        self._acc = sq if self._acc is None else self._acc + sq
+
+    def end_psi_stats(self, decay: float) -> None:
+        if self._acc is not None:
+            self.v = _ema(self.v, self._acc, decay)
+        self._acc = None
+
+    def solve(self, rhs: Native) -> Native:
+        assert self.v is not None, "GNDiagBlock.solve before statistics"
+        n = self.members[0]
+        return {n: rhs[n] / (self.v + self.damping)}
+
+    def state(self) -> dict[str, Tensor]:
+        return {} if self.v is None else {"v": self.v}
+
+    def load_state(self, state: dict[str, Tensor]) -> None:
+        self.v = state.get("v")
+
+
+class KronBlock(Block):
+    """``A ⊗ G + λ I`` for Kronecker players sharing one output (joint-input factorisation).
+
+    With several members the input rows are concatenated (``x = [a_1; a_2; ...]``) and ``g``
+    is the mean of the members' output-side rows -- exact when they add directly into one
+    tensor (Fig. 3a, a shortcut aligned with the layer it joins); with BatchNorm between a
+    layer and the sum the members' ``g`` differ and the mean is an approximation.
+    ``zero_cross`` zeroes the cross blocks of ``A`` (Theorem 6, first bullet).
+    """
+
+    def __init__(self, members: Sequence[int], views: Sequence[PlayerView], mode: Mode,
+                 zero_cross: bool = False) -> None:
+        super().__init__(members, views)
+        self.mode: Mode = mode
+        self.needs_psi = mode == "ekfac"
+        self.zero_cross = zero_cross
+        self.factor = KroneckerFactor(mode)
+        self.widths: list[int] = [int(v.theta().shape[1]) for v in self.views]
+        self._acc: Tensor | None = None
+
+    def rows(self, batch: StageBatch) -> tuple[Tensor, Tensor]:
+        """Joint input rows and mean output rows of this step."""
+        a_list = [batch.a[n] for n in self.members]
+        g_list = [batch.g[n] for n in self.members]
+        if any(a is None for a in a_list) or any(g is None for g in g_list):
+            raise RuntimeError("Kronecker curvature needs the factor pass (g rows)")
+        shapes = {a.shape[0] for a in a_list if a is not None}
+        gshapes = {tuple(g.shape) for g in g_list if g is not None}
+        if len(shapes) != 1 or len(gshapes) != 1:
+            names = ", ".join(v.name for v in self.views)
+            raise ValueError(f"players {names} share an output group but their rows differ "
+                             f"(input rows {sorted(shapes)}, output rows {sorted(gshapes)}); "
+                             "same-group players must write the same output positions")
+        a = torch.cat([x for x in a_list if x is not None], dim=1)
+        g = torch.stack([x for x in g_list if x is not None]).mean(0)
+        return a, g
+
+    def update(self, batch: StageBatch, decay: float, update_factors: bool,
+               refresh: bool) -> None:
+        if update_factors or self.factor.A is None:
+            a, g = self.rows(batch)
+            dt = stat_dtype(a.dtype)
+            a_stat = a.to(dt).T @ a.to(dt) / a.shape[0]
+            if self.zero_cross and len(self.widths) > 1:
+                mask = torch.block_diag(*[torch.ones(w, w, dtype=dt, device=a.device)
+                                          for w in self.widths])
+                a_stat = a_stat * mask
+            self.factor.update_stats(a_stat, g.to(dt).T @ g.to(dt), decay)
+        if refresh or not self.factor.has_eigenbasis:
+            self.factor.refresh_eigenbasis()
+        if not update_factors:
+            self.needs_psi = False
+        else:
+            self.needs_psi = self.mode == "ekfac"
+
+    def joint(self, parts: Native) -> Tensor:
+        return torch.cat([parts[n] for n in self.members], dim=-1)
+
+    def split(self, joint: Tensor) -> Native:
+        return dict(zip(self.members, torch.split(joint, self.widths, dim=-1)))
+
+    def psi_stats(self, psis: Native) -> None:
+        f = self.factor
+        assert f.q_a is not None and f.q_g is not None
+        proj = f.q_g.T @ self.joint(psis).to(f.q_g.dtype) @ f.q_a
+        if self.zero_cross and len(self.widths) > 1:
+            raise ValueError("ekfac with zero_cross on a joint block is not supported")
+        sq = (proj ** 2).sum(0)
+        self._acc = sq if self._acc is None else self._acc + sq
+
+    def end_psi_stats(self, decay: float) -> None:
+        if self._acc is not None:
+            self.factor.update_scaling_stats(self._acc, decay)
+        self._acc = None
+
+    def solve_joint(self, rhs: Tensor) -> Tensor:
+        return self.factor.precondition(rhs, self.damping)
+
+    def apply_joint(self, x: Tensor) -> Tensor:
+        """``(A ⊗ G + λ I) vec(x)`` in the eigenbasis (the matrix :meth:`solve_joint` inverts)."""
+        f = self.factor
+        assert f.q_a is not None and f.q_g is not None
+        proj = f.q_g.T @ x.to(f.q_g.dtype) @ f.q_a
+        return (f.q_g @ (proj * f.eigen_scale()) @ f.q_a.T).to(x.dtype) + self.damping * x
+
+    def solve(self, rhs: Native) -> Native:
+        return self.split(self.solve_joint(self.joint(rhs)))
+
+    def state(self) -> dict[str, Tensor]:
+        return {k: v for k, v in self.factor.state_dict().items() if isinstance(v, Tensor)}
+
+    def load_state(self, state: dict[str, Tensor]) -> None:
+        full: dict[str, Tensor | str | None] = {"mode": self.mode}
+        for name in KroneckerFactor._FIELDS:
+            full[name] = state.get(name)
+        self.factor.load_state_dict(full)
+
+    def player_stats(self) -> dict[str, dict[str, float]]:
+        stats = self.factor.stats()
+        return {v.name: stats for v in self.views} if stats else {}
+
+
+def pcg(apply: Callable[[Tensor], Tensor], precond: Callable[[Tensor], Tensor], rhs: Tensor,
+        iters: int, tol: float) -> Tensor:
+    """Preconditioned conjugate gradients for ``apply(x) = rhs``, batched over the leading
+    dims of ``rhs`` (matrices in the last two dims). ``iters = 0`` returns ``precond(rhs)``."""
+    lead = rhs.dim() - 2
+    x = precond(rhs)
+    if iters <= 0:
+        return x
+    norm = _batch_dot(rhs, rhs, lead).sqrt().clamp_min(torch.finfo(rhs.dtype).tiny)
+    r = rhs - apply(x)
+    z = precond(r)
+    p = z
+    rz = _batch_dot(r, z, lead)
+    expand = (...,) + (None, None)
+    for _ in range(iters):
+        if float((_batch_dot(r, r, lead).sqrt() / norm).max()) <= tol:
+            break
+        ap = apply(p)
+        pap = _batch_dot(p, ap, lead)
+        alpha = torch.where(pap > 0, rz / torch.where(pap > 0, pap, 1.0), 0.0)
+        x = x + alpha[expand] * p
+        r = r - alpha[expand] * ap
+        z = precond(r)
+        rz_new = _batch_dot(r, z, lead)
+        beta = torch.where(rz > 0, rz_new / torch.where(rz > 0, rz, 1.0), 0.0)
+        p = z + beta[expand] * p
+        rz = rz_new
+    return x
+
+
+class CoopPairBlock(Block):
+    """Two output groups ``u``, ``v`` writing separate outputs (eq. 11, 14, 15, 27).
+
+    Solves the block-Kronecker matrix ``[[P_uu, A_uv ⊗ B_uv], [·ᵀ, P_vv]]`` (damping on the
+    diagonal blocks) exactly, up to the conjugate-gradient tolerance; see the module
+    docstring. ``A_uv = mean_rows a_u a_vᵀ``, ``B_uv = Σ_rows g_u g_vᵀ``; ``zero_cross``
+    zeroes them (then the solve is the block-diagonal one, Theorem 6).
+    """
+
+    def __init__(self, u: KronBlock, v: KronBlock, iters: int, tol: float,
+                 zero_cross: bool = False) -> None:
+        super().__init__(u.members + v.members, u.views + v.views)
+        self.u, self.v = u, v
+        self.iters, self.tol = iters, tol
+        self.zero_cross = zero_cross
+        self.a_uv: Tensor | None = None
+        self.b_uv: Tensor | None = None
+        self.pre = KroneckerFactor("kfac")
+        self.needs_psi = u.needs_psi or v.needs_psi
+        self.last_cross_ratio: Tensor | None = None
+
+    def update(self, batch: StageBatch, decay: float, update_factors: bool,
+               refresh: bool) -> None:
+        self.u.damping = self.v.damping = self.damping
+        self.u.update(batch, decay, update_factors, refresh)
+        self.v.update(batch, decay, update_factors, refresh)
+        self.needs_psi = self.u.needs_psi or self.v.needs_psi
+        if update_factors or self.a_uv is None:
+            a_u, g_u = self.u.rows(batch)
+            a_v, g_v = self.v.rows(batch)
+            if a_u.shape[0] != a_v.shape[0] or g_u.shape[0] != g_v.shape[0]:
+                names = ", ".join(v.name for v in self.views)
+                raise ValueError(f"players {names}: the two output groups have different "
+                                 f"numbers of rows ({a_u.shape[0]} vs {a_v.shape[0]}); the "
+                                 "cooperative factors need aligned output positions")
+            dt = stat_dtype(a_u.dtype)
+            a_uv = a_u.to(dt).T @ a_v.to(dt) / a_u.shape[0]
+            b_uv = g_u.to(dt).T @ g_v.to(dt)
+            if self.zero_cross:
+                a_uv, b_uv = torch.zeros_like(a_uv), torch.zeros_like(b_uv)
+            self.a_uv, self.b_uv = _ema(self.a_uv, a_uv, decay), _ema(self.b_uv, b_uv, decay)
+        if refresh or not self.pre.has_eigenbasis:
+            self._refresh_preconditioner()
+
+    def _refresh_preconditioner(self) -> None:
+        """Prop. 5: ``Ã = A_uu − A_uv A_vv⁻¹ A_vu``, ``B̃`` likewise (``√λ``-regularised)."""
+        fu, fv = self.u.factor, self.v.factor
+        assert fu.A is not None and fu.G is not None and fv.A is not None and fv.G is not None
+        assert self.a_uv is not None and self.b_uv is not None
+        eps = max(self.damping, 1e-12) ** 0.5
+        eye_a = torch.eye(fv.A.shape[0], dtype=fv.A.dtype, device=fv.A.device)
+        eye_g = torch.eye(fv.G.shape[0], dtype=fv.G.dtype, device=fv.G.device)
+        a_t = fu.A - self.a_uv @ torch.linalg.solve(fv.A + eps * eye_a, self.a_uv.T)
+        b_t = fu.G - self.b_uv @ torch.linalg.solve(fv.G + eps * eye_g, self.b_uv.T)
+        self.pre.update_stats((a_t + a_t.T) / 2, (b_t + b_t.T) / 2, 0.0)
+        self.pre.refresh_eigenbasis()
+
+    def psi_stats(self, psis: Native) -> None:
+        for blk in (self.u, self.v):
+            if blk.needs_psi:
+                blk.psi_stats(psis)
+
+    def end_psi_stats(self, decay: float) -> None:
+        self.u.end_psi_stats(decay)
+        self.v.end_psi_stats(decay)
+
+    def cross_uv(self, m_v: Tensor) -> Tensor:
+        """``P_uv vec(M_v) = vec(B_uv M_v A_uvᵀ)``."""
+        assert self.a_uv is not None and self.b_uv is not None
+        return (self.b_uv @ m_v.to(self.b_uv.dtype) @ self.a_uv.T).to(m_v.dtype)
+
+    def cross_vu(self, m_u: Tensor) -> Tensor:
+        """``P_vu vec(M_u) = vec(B_uvᵀ M_u A_uv)``."""
+        assert self.a_uv is not None and self.b_uv is not None
+        return (self.b_uv.T @ m_u.to(self.b_uv.dtype) @ self.a_uv).to(m_u.dtype)
+
+    def solve(self, rhs: Native) -> Native:
+        r_u, r_v = self.u.joint(rhs), self.v.joint(rhs)
+        l_gain = self.v.solve_joint(r_v)  # non-cooperative gain of v (footnote 2)
+        cross = self.cross_uv(l_gain)
+        target = r_u - cross  # eq. 11: P_u − P_uv l
+
+        def schur(x: Tensor) -> Tensor:
+            return self.u.apply_joint(x) - self.cross_uv(self.v.solve_joint(self.cross_vu(x)))
+
+        def precond(x: Tensor) -> Tensor:
+            return self.pre.precondition(x, self.damping)
+
+        k_u = pcg(schur, precond, target, self.iters, self.tol)
+        k_v = self.v.solve_joint(r_v - self.cross_vu(k_u))
+        if r_u.dim() == 2:
+            self.last_cross_ratio = cross.norm() / r_u.norm().clamp_min(1e-30)
+        out = self.u.split(k_u)
+        out.update(self.v.split(k_v))
+        return out
+
+    def state(self) -> dict[str, Tensor]:
+        out = {f"u.{k}": v for k, v in self.u.state().items()}
+        out.update({f"v.{k}": v for k, v in self.v.state().items()})
+        for key, val in (("a_uv", self.a_uv), ("b_uv", self.b_uv)):
+            if val is not None:
+                out[key] = val
+        out.update({f"pre.{k}": v for k, v in self.pre.state_dict().items()
+                    if isinstance(v, Tensor)})
+        return out
+
+    def load_state(self, state: dict[str, Tensor]) -> None:
+        self.u.load_state({k[2:]: v for k, v in state.items() if k.startswith("u.")})
+        self.v.load_state({k[2:]: v for k, v in state.items() if k.startswith("v.")})
+        self.a_uv, self.b_uv = state.get("a_uv"), state.get("b_uv")
+        pre: dict[str, Tensor | str | None] = {"mode": "kfac"}
+        for name in KroneckerFactor._FIELDS:
+            pre[name] = state.get(f"pre.{name}")
+        self.pre.load_state_dict(pre)
+
+    def player_stats(self) -> dict[str, dict[str, float]]:
+        return {**self.u.player_stats(), **self.v.player_stats()}

@@ -1,0 +1,178 @@
+"""Per-stage gains: ``k = Q_θθ⁻¹ Q_θ``, ``K δx = Q_θθ⁻¹ Q_θx δx`` and the Gram blocks of
+``V_xx`` (DESIGN.md sections 2.1 and 3).
+
+:class:`StageSolver` splits the stage's players into curvature blocks
+(:mod:`dgn_dist.dgnopt.blocks`):
+
+* ``olne`` / ``fne``: one block per player (eq. 9);
+* ``gr``: Kronecker players of one output group share a joint-input block; two groups are
+  coupled by a :class:`~dgn_dist.dgnopt.blocks.CoopPairBlock` (Prop. 5, eq. 11/15); more than
+  two groups with Kronecker players is rejected. Diagonal (BatchNorm) players are solved on
+  their own block even under ``gr``; under ``identity`` curvature every player is its own
+  block (``P_uv = 0``, Theorem 6).
+
+The Gram matrix of the sweep, ``Γ_b[i, j] = <ψ_{b,i}, Q_θθ⁻¹ ψ_{b,j}>`` with
+``ψ_{b,i} = F_θᵀ u_{b,i}``, is built from per-sample gradients in chunks of samples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from dgn_dist.dgnopt.blocks import (
+    Block,
+    CoopPairBlock,
+    GNDiagBlock,
+    IdentityBlock,
+    KronBlock,
+    Native,
+    RmsDiagBlock,
+    StageBatch,
+)
+from dgn_dist.dgnopt.players import PlayerView
+from dgn_dist.game.core import Stage
+
+INFOS: tuple[str, ...] = ("olne", "fne", "gr")
+CURVATURES: tuple[str, ...] = ("identity", "diag", "kfac", "ekfac")
+#: Upper bound on the elements of one chunk of per-sample gradients.
+PSI_CHUNK = 1 << 24
+
+
+class StageSolver:
+    """The curvature blocks of one stage and the solves built on them.
+
+    Args:
+        stage: the game stage; players without trainable parameters are skipped.
+        info: ``"olne"``, ``"fne"`` or ``"gr"``.
+        curvature: ``"identity"``, ``"diag"``, ``"kfac"`` or ``"ekfac"``.
+        zero_cross: ``gr`` with the cross blocks zeroed (Theorem 6, first bullet).
+        coop_iters: conjugate-gradient iterations of a two-group cooperative solve.
+        coop_tol: relative residual at which those iterations stop.
+    """
+
+    def __init__(self, stage: Stage, info: str, curvature: str, *, zero_cross: bool = False,
+                 coop_iters: int = 20, coop_tol: float = 1e-8) -> None:
+        if info not in INFOS:
+            raise ValueError(f"info must be one of {', '.join(INFOS)}; got {info!r}")
+        if curvature not in CURVATURES:
+            raise ValueError(f"curvature must be one of {', '.join(CURVATURES)}; got "
+                             f"{curvature!r}")
+        self.stage = stage
+        self.name = stage.name
+        self.views = [PlayerView(p) for p in stage.players if p.parameters()]
+        self.curvature = curvature
+        self.blocks: list[Block] = self._build_blocks(info, curvature, zero_cross, coop_iters,
+                                                      coop_tol)
+
+    def _build_blocks(self, info: str, curvature: str, zero_cross: bool, iters: int,
+                      tol: float) -> list[Block]:
+        blocks: list[Block] = []
+        kron_groups: dict[int, list[int]] = {}
+        for n, view in enumerate(self.views):
+            if curvature == "identity":
+                blocks.append(IdentityBlock([n], [view]))
+            elif curvature == "diag":
+                blocks.append(RmsDiagBlock(n, view))
+            elif not view.kron:
+                blocks.append(GNDiagBlock(n, view))
+            elif info == "gr":
+                kron_groups.setdefault(view.player.output_group, []).append(n)
+            else:
+                blocks.append(KronBlock([n], [view], curvature))  # type: ignore[arg-type]
+        groups = [KronBlock(m, [self.views[n] for n in m], curvature,  # type: ignore[arg-type]
+                            zero_cross) for _, m in sorted(kron_groups.items())]
+        if len(groups) > 2:
+            raise ValueError(
+                f"stage {self.name}: gr couples at most two output groups of Kronecker players "
+                f"(Prop. 5), this stage has {len(groups)}; use game.alignment='second' or "
+                "info='fne' for this network")
+        if len(groups) == 2:
+            blocks.append(CoopPairBlock(groups[0], groups[1], iters, tol, zero_cross))
+        else:
+            blocks.extend(groups)
+        return blocks
+
+    # -- statistics --------------------------------------------------------------------
+    def needs_factors(self) -> bool:
+        """True when the curvature itself needs the ``V_xx`` factors pulled back (``g``)."""
+        return self.curvature in ("kfac", "ekfac") and bool(self.views)
+
+    def update(self, batch: StageBatch, *, decay: float, update_factors: bool, refresh: bool,
+               damping: float, weight_decay: float) -> None:
+        """Fold this step's statistics into every block and refresh eigenbases on schedule."""
+        for blk in self.blocks:
+            blk.damping = damping if isinstance(blk, RmsDiagBlock) else damping + weight_decay
+            blk.update(batch, decay, update_factors, refresh)
+        psi_blocks = [b for b in self.blocks if b.needs_psi and update_factors]
+        if not psi_blocks:
+            return
+        members = sorted({n for b in psi_blocks for n in b.members})
+        for psis in self.iter_psi(batch, members):
+            for blk in psi_blocks:
+                blk.psi_stats(psis)
+        for blk in psi_blocks:
+            blk.end_psi_stats(decay)
+
+    def iter_psi(self, batch: StageBatch, members: Sequence[int]) -> Iterator[Native]:
+        """Per-sample gradients of ``members`` in chunks of samples (bounded memory)."""
+        per_sample = sum(int(self.views[n].theta().numel()) for n in members) * batch.rank
+        chunk = max(1, PSI_CHUNK // max(per_sample, 1))
+        for start in range(0, batch.num, chunk):
+            stop = min(batch.num, start + chunk)
+            yield {n: batch.psi(self.views[n], n, start, stop) for n in members}
+
+    # -- solves ------------------------------------------------------------------------
+    def solve(self, rhs: Sequence[Tensor]) -> list[Tensor]:
+        """``Q_θθ⁻¹ rhs`` for native-form right-hand sides (one per player, any leading dims)."""
+        native = dict(enumerate(rhs))
+        out: Native = {}
+        for blk in self.blocks:
+            out.update(blk.solve(native))
+        return [out[n] for n in range(len(self.views))]
+
+    def gram(self, batch: StageBatch) -> Tensor:
+        """Per-sample Gram blocks ``Γ_b = [<ψ_{b,i}, Q_θθ⁻¹ ψ_{b,j}>]_{ij}``, ``[B, r, r]``."""
+        r = batch.rank
+        members = list(range(len(self.views)))
+        parts = []
+        for psis in self.iter_psi(batch, members):
+            num = next(iter(psis.values())).shape[0] // r
+            sol = self.solve([psis[n] for n in members])
+            g = None
+            for n in members:
+                x = psis[n].reshape(num, r, -1)
+                y = sol[n].reshape(num, r, -1).to(x.dtype)
+                term = torch.einsum("bid,bjd->bij", x, y)
+                g = term if g is None else g + term
+            assert g is not None
+            parts.append((g + g.transpose(1, 2)) / 2)
+        return torch.cat(parts)
+
+    def cross_ratio(self) -> Tensor | None:
+        """``‖P_uv l‖ / ‖P_u‖`` of the last cooperative open-gain solve (``gr``), if any."""
+        for blk in self.blocks:
+            if isinstance(blk, CoopPairBlock) and blk.last_cross_ratio is not None:
+                return blk.last_cross_ratio
+        return None
+
+    # -- state -------------------------------------------------------------------------
+    def state(self) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        for i, blk in enumerate(self.blocks):
+            out.update({f"{i}.{k}": v for k, v in blk.state().items()})
+        return out
+
+    def load_state(self, state: dict[str, Tensor]) -> None:
+        for i, blk in enumerate(self.blocks):
+            prefix = f"{i}."
+            blk.load_state({k[len(prefix):]: v for k, v in state.items()
+                            if k.startswith(prefix)})
+
+    def player_stats(self) -> dict[str, dict[str, float]]:
+        out: dict[str, dict[str, float]] = {}
+        for blk in self.blocks:
+            out.update(blk.player_stats())
+        return out

@@ -1,0 +1,112 @@
+"""dgn-train's command line: flag surface, exit status 2 for user errors, --print-config."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dgn_dist.config import config_from_dict, load_config
+from dgn_dist.config.loader import tomllib
+from dgn_dist.train import build_parser, main
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = str(REPO / "configs" / "synthetic_smoke.toml")
+ENV = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def test_flag_surface_is_frozen() -> None:
+    """Adding a flag is a design decision: update this list on purpose, not by accident."""
+    actions = build_parser()._actions
+    flags = {s for a in actions for s in a.option_strings}
+    assert flags == {"-h", "--help", "--config", "--print-config", "--print-game"}
+    assert [a.dest for a in actions if not a.option_strings] == ["overrides"]
+
+
+@pytest.mark.parametrize(("override", "needles"), [
+    ("run.bogus=1", ["run.bogus", "valid keys", "epochs"]),
+    ("run.epochs=many", ["run.epochs", "integer"]),
+    ("optim.name=bogus", ["optim.name", "'sgd'", "'ekfac'", "'dgnopt'"]),
+    ("bogus.key=1", ["bogus", "valid sections", "optim"]),
+    ("optim.lr=-1", ["optim.lr", "> 0"]),
+    ("run.epochs", ["section.key=value"]),
+], ids=["unknown-key", "bad-type", "bad-choice", "unknown-section", "bad-range", "no-value"])
+def test_config_errors_exit_2(override: str, needles: list[str],
+                              capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--config", SMOKE, override]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ")
+    for needle in needles:
+        assert needle in err, (needle, err)
+
+
+def test_missing_config_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--config", str(tmp_path / "nope.toml")]) == 2
+    assert "nope.toml" in capsys.readouterr().err
+
+
+def test_resume_latest_needs_a_run_dir(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--config", SMOKE, "run.resume=latest"]) == 2
+    assert "run.dir" in capsys.readouterr().err
+
+
+def test_bad_config_fails_fast_without_importing_torch() -> None:
+    probe = ("import sys; from dgn_dist.train import main; "
+             f"rc = main(['--config', {SMOKE!r}, 'optim.name=bogus']); "
+             "print(rc, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], env=ENV, capture_output=True,
+                         text=True, timeout=60)
+    assert out.stdout.split() == ["2", "False"], out
+    cli = subprocess.run([sys.executable, "-m", "dgn_dist.train", "--config", SMOKE,
+                          "optim.name=bogus"], env=ENV, capture_output=True, text=True,
+                         timeout=60)
+    assert cli.returncode == 2 and "optim.name" in cli.stderr and not cli.stdout
+
+
+def test_print_config_round_trips(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--config", SMOKE, "--print-config", "optim.lr=0.25", "run.name=x"]) == 0
+    text = capsys.readouterr().out
+    printed = tomllib.loads(text)
+    assert printed["optim"]["lr"] == 0.25
+    assert re.fullmatch(r"runs/x-\d{8}-\d{6}", printed["run"]["dir"])
+    expected = load_config(SMOKE, ["optim.lr=0.25", "run.name=x",
+                                   f"run.dir={printed['run']['dir']}"])
+    assert config_from_dict(printed) == expected
+
+
+def test_missing_dataset_files_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["--config", SMOKE, "data.dataset=mnist", f"data.root={tmp_path / 'data'}",
+               f"run.dir={tmp_path / 'run'}"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "mnist" in err.lower()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_gpu_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--config", SMOKE, "run.device=cuda", f"run.dir={tmp_path}"]) == 2
+    assert "run.device" in capsys.readouterr().err
+
+
+def test_train_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--config", SMOKE, f"run.dir={tmp_path}"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("epoch ") == 1 and "done: test acc" in out
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == 15 and summary["test_acc"] > 50.0  # 4 classes: chance 25%
+
+
+def test_print_game(capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["--config", SMOKE, "--print-game", "data.dataset=digits",
+               "model.name=digits_resnet"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    lines = out.strip().splitlines()
+    assert lines and all(line.startswith("stage") for line in lines)
+    assert "(1, 1, 8, 8)" in lines[0]  # the example input's state shape
