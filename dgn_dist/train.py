@@ -59,7 +59,10 @@ def _print_game(cfg: Config) -> None:
 
     seed_everything(cfg.run.seed)
     data = build_data(cfg.data, cfg.run.seed)
-    model = build_model(cfg.model, data.input_shape, data.num_classes)
+    try:
+        model = build_model(cfg.model, data.input_shape, data.num_classes)
+    except ValueError as err:  # settings the config types cannot rule out
+        raise ConfigError(str(err)) from err
     game = build_game(model, alignment=cfg.game.alignment)
     example = data.train[0][0].unsqueeze(0)
     print(game.describe(example))

@@ -126,6 +126,7 @@ def test_sampler_resumes_mid_epoch() -> None:
 
 RESUME_CASES = [
     ("sgd", ["optim.momentum=0.9", "optim.lr=0.05", "optim.lr_schedule=multistep",
+             "data.augment=crop_flip",  # draws from the global RNG: tests its restore
              "optim.milestones=[1]", "optim.gamma=0.5"]),
     ("ekfac", ["optim.lr=0.05", "curvature.inverse_interval=7"]),
 ]

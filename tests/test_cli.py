@@ -110,3 +110,21 @@ def test_print_game(capsys: pytest.CaptureFixture[str]) -> None:
     lines = out.strip().splitlines()
     assert lines and all(line.startswith("stage") for line in lines)
     assert "(1, 1, 8, 8)" in lines[0]  # the example input's state shape
+
+
+def test_bench_runs_one_tiny_step(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from dgn_dist import bench
+
+    out = tmp_path / "bench.json"
+    assert bench.main(["--models", "digits_resnet", "--optimizers", "adam", "--steps", "1",
+                       "--warmup", "0", "--batch-size", "4", "--device", "cpu",
+                       "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "digits_resnet" in table and "adam" in table
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["model"], r["optimizer"]) for r in rows] == [("digits_resnet", "sgd"),
+                                                            ("digits_resnet", "adam")]
+    assert rows[0]["time_ratio"] == 1.0 and rows[1]["median_ms"] > 0
+    assert rows[1]["time_ratio"] == pytest.approx(rows[1]["median_ms"] / rows[0]["median_ms"])
+    assert bench.main(["--models", "nope"]) == 2
+    assert "valid choices" in capsys.readouterr().err

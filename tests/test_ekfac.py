@@ -126,7 +126,7 @@ def train_steps(model: nn.Module, opt: torch.optim.Optimizer, batches: list) -> 
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return losses
 
 
@@ -208,3 +208,42 @@ def test_trains_a_small_problem() -> None:
     opt = EKFAC(model, lr=0.2, damping=1e-2, inverse_interval=5)
     losses = train_steps(model, opt, [(x, y)] * 25)
     assert losses[-1] < 0.2 * losses[0]
+
+
+def test_kl_clip_scales_the_kronecker_step() -> None:
+    """ν = min(1, sqrt(c / (lr² Σ <d, g>))) multiplies the preconditioned directions."""
+    x, y = torch.randn(6, 2, 4, 4), torch.randint(0, 3, (6,))
+    lr, clip = 0.5, 1e-4
+    deltas, grads, opts = [], [], []
+    for kl_clip in (0.0, clip):
+        model = relu_net(False)
+        before = [p.detach().clone() for p in model.parameters()]
+        opt = EKFAC(model, lr=lr, damping=1e-2, kl_clip=kl_clip)
+        train_steps(model, opt, [(x, y)])
+        grads.append([p.grad.clone() for p in model.parameters()])
+        deltas.append([b - p.detach() for b, p in zip(before, model.parameters(), strict=True)])
+        opts.append(opt)
+    vg = sum(float((d / lr * g).sum()) for d, g in zip(deltas[0], grads[0], strict=True))
+    nu = opts[1].last_kl_scale
+    assert opts[0].last_kl_scale == 1.0 and nu < 1.0
+    assert nu == pytest.approx((clip / (lr ** 2 * vg)) ** 0.5, rel=1e-4)
+    for d_plain, d_clip in zip(deltas[0], deltas[1], strict=True):
+        torch.testing.assert_close(d_clip, nu * d_plain, rtol=1e-4, atol=1e-7)
+
+
+def test_bfloat16_autocast_keeps_float32_factors() -> None:
+    model = relu_net(True)
+    opt = EKFAC(model, lr=0.1, damping=1e-2, kl_clip=1e-2)
+    x, y = torch.randn(8, 2, 4, 4), torch.randint(0, 3, (8,))
+    losses = []
+    for _ in range(4):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    for factor in opt.factors.values():
+        assert factor.A is not None and factor.A.dtype == torch.float32
+        assert factor.q_g is not None and factor.q_g.dtype == torch.float32
+    assert losses[-1] < losses[0]

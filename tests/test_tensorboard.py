@@ -72,3 +72,16 @@ def test_ekfac_curvature_statistics(tmp_path: Path) -> None:
         assert any(t.startswith("curvature/") and t.endswith("/" + stat) for t in tags), stat
     assert any(t.startswith("curvature/") and t.endswith("damping") for t in tags), tags
     assert STEP_TAGS | EVAL_TAGS <= tags
+
+
+def test_resume_after_a_crash_has_no_duplicate_steps(tmp_path: Path) -> None:
+    def crash_at_25(step: int, loss: float) -> None:
+        if step == 25:
+            raise RuntimeError("crash")
+
+    opts = ["run.epochs=2", "logging.log_every=1", "checkpoint.every_steps=10"]
+    with pytest.raises(RuntimeError, match="crash"):
+        train(_cfg("synthetic_smoke.toml", tmp_path, *opts), on_step=crash_at_25)
+    train(_cfg("synthetic_smoke.toml", tmp_path, *opts, "run.resume=latest"))  # from step 20
+    steps = [s for s, _ in _scalars(tmp_path)["loss/train"]]
+    assert steps == list(range(1, 31))  # steps 21-25 of the crashed session are purged

@@ -84,6 +84,9 @@ class OptimConfig:
     emsa_lbfgs_iters: int = doc(4, "EMSA: L-BFGS iterations per layer and step.")
     emsa_line_search: bool = doc(False, "EMSA: strong-Wolfe line search in L-BFGS (lr is "
                                  "then the initial step; off: lr is the step length).")
+    ekfac_kl_clip: float = doc(1e-3, "EKFAC: KL clipping of the preconditioned step (Ba et "
+                               "al. 2017), nu = min(1, sqrt(c / (lr^2 <d, g>))); 0 = off (the "
+                               "plain step of George et al. 2018).")
 
 
 @dataclass

@@ -236,7 +236,7 @@ class KronBlock(Block):
         return torch.cat([parts[n] for n in self.members], dim=-1)
 
     def split(self, joint: Tensor) -> Native:
-        return dict(zip(self.members, torch.split(joint, self.widths, dim=-1)))
+        return dict(zip(self.members, torch.split(joint, self.widths, dim=-1), strict=False))
 
     def psi_stats(self, psis: Native) -> None:
         f = self.factor

@@ -39,23 +39,27 @@ class PlayerTap:
     """Forward hooks recording each player's input tensor and output tensor for one call.
 
     Use as a context manager around exactly one stage forward; ``inputs[n]`` / ``outputs[n]``
-    then hold player ``n``'s (first) input and its output.
+    then hold player ``n``'s (first) input and its output. With ``clone_outputs`` the stage
+    continues with a copy of each output, so an in-place operation after the player (e.g.
+    ``ReLU(inplace=True)`` after BatchNorm) cannot overwrite the recorded graph node.
     """
 
-    def __init__(self, players: Sequence[Player]) -> None:
+    def __init__(self, players: Sequence[Player], clone_outputs: bool = False) -> None:
         self.players = list(players)
+        self.clone_outputs = clone_outputs
         self.inputs: list[Tensor | None] = [None] * len(self.players)
         self.outputs: list[Tensor | None] = [None] * len(self.players)
         self._handles: list[Any] = []
 
     def _hook(self, index: int) -> Any:
-        def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor | None:
             if self.outputs[index] is not None:
                 raise RuntimeError(
                     f"player {self.players[index].name} was called twice in one stage forward; "
                     "a player module must be called exactly once per stage")
             self.inputs[index] = args[0]
             self.outputs[index] = output
+            return output.clone() if self.clone_outputs else None
         return hook
 
     def __enter__(self) -> PlayerTap:
@@ -99,7 +103,7 @@ def flat_factors(factors: State) -> State:
 def per_sample_dot(a: State, b: State) -> Tensor:
     """``<a_b, b_b>`` summed over the state tensors, one value per leading index."""
     total: Tensor | None = None
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):
         d = (x * y).reshape(x.shape[0], -1).sum(1)
         total = d if total is None else total + d
     if total is None:
@@ -111,7 +115,7 @@ def contract_factors(factors: State, tangent: State) -> State:
     """``sum_i u_{b,i} <u_{b,i}, tangent_b>`` for factors ``[B, r, *s]``, tangent ``[B, *s]``:
     the action of the factorised ``V_xx`` on a stacked state vector."""
     coef: Tensor | None = None
-    for u, v in zip(factors, tangent):
+    for u, v in zip(factors, tangent, strict=False):
         c = torch.einsum("bi...,b...->bi", u, v)
         coef = c if coef is None else coef + c
     if coef is None:

@@ -41,6 +41,10 @@ CURVATURES: tuple[str, ...] = ("identity", "diag", "kfac", "ekfac")
 PSI_CHUNK = 1 << 24
 
 
+class NonFiniteUpdate(RuntimeError):
+    """A non-finite statistic or update; the step is skipped and no parameter changes."""
+
+
 class StageSolver:
     """The curvature blocks of one stage and the solves built on them.
 
@@ -102,7 +106,14 @@ class StageSolver:
 
     def update(self, batch: StageBatch, *, decay: float, update_factors: bool, refresh: bool,
                damping: float, weight_decay: float) -> None:
-        """Fold this step's statistics into every block and refresh eigenbases on schedule."""
+        """Fold this step's statistics into every block and refresh eigenbases on schedule.
+
+        Raises:
+            NonFiniteUpdate: a statistic of this step is not finite (nothing is folded in).
+        """
+        tensors = [t for t in (*batch.q_theta, *batch.a, *batch.g) if t is not None]
+        if tensors and not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+            raise NonFiniteUpdate(f"non-finite curvature statistics at stage {self.name}")
         for blk in self.blocks:
             blk.damping = damping if isinstance(blk, RmsDiagBlock) else damping + weight_decay
             blk.update(batch, decay, update_factors, refresh)

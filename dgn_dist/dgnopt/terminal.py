@@ -48,7 +48,8 @@ def terminal_factors(logits: Tensor, v_x: Tensor, kind: str, rank: int = 1,
         ``u`` with ``sum_i u_{b,i} u_{b,i}ᵀ`` the factorised ``V_xx`` block of sample ``b``.
     """
     if logits.dim() != 2:
-        raise ValueError(f"DGNOpt needs logits of shape [batch, classes]; got {tuple(logits.shape)}")
+        raise ValueError("DGNOpt needs logits of shape [batch, classes]; got "
+                         f"{tuple(logits.shape)}")
     b, c = logits.shape
     if kind == "empirical":
         return (b ** 0.5) * v_x.detach()[:, None, :]

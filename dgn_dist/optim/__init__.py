@@ -9,6 +9,8 @@ Optimizers that report curvature have ``curvature_stats() -> dict[str, float]``.
 
 from __future__ import annotations
 
+import importlib
+
 from torch import nn
 from torch.optim import Optimizer
 
@@ -51,17 +53,18 @@ def build_optimizer(cfg: Config, model: nn.Module) -> Optimizer:
             return EKFAC(model, lr=o.lr, damping=c.damping, ema_decay=c.ema_decay,
                          factor_interval=c.factor_interval, inverse_interval=c.inverse_interval,
                          weight_decay=o.weight_decay, momentum=o.momentum,
-                         mode="kfac" if c.kind == "kfac" else "ekfac")
+                         mode="kfac" if c.kind == "kfac" else "ekfac", kl_clip=o.ekfac_kl_clip)
         case "emsa":
             return EMSA(model, lr=o.lr, rho=o.emsa_rho, lbfgs_iters=o.emsa_lbfgs_iters,
                         weight_decay=o.weight_decay, line_search=o.emsa_line_search)
         case "dgnopt":
             try:
-                from dgn_dist.dgnopt import build_dgnopt
-            except ImportError as err:
-                raise ValueError(f"optim.name=dgnopt is unavailable: dgn_dist.dgnopt cannot be "
-                                 f"imported ({err})") from err
-            return build_dgnopt(cfg, model)
+                build_dgnopt = importlib.import_module("dgn_dist.dgnopt").build_dgnopt
+            except (ImportError, AttributeError) as err:
+                raise ValueError(f"optim.name=dgnopt is unavailable: dgn_dist.dgnopt.build_dgnopt "
+                                 f"cannot be imported ({err})") from err
+            optimizer: Optimizer = build_dgnopt(cfg, model)
+            return optimizer
         case _:
             raise ValueError(f"unknown optim.name {o.name!r}; choose one of "
                              f"{', '.join(OPTIMIZERS)}")

@@ -18,7 +18,9 @@ first opportunity) the eigenbases are recomputed; in ``ekfac`` mode the scaling 
 updated from the per-example projected gradients at every step (it restarts from
 ``λ_G λ_Aᵀ`` at each refresh). The update direction is ``(A ⊗ G + λI)⁻¹ (∇L + wd·θ)``
 (``ekfac``: with ``S`` in place of ``λ_G λ_Aᵀ``): weight decay is an L2 term of the
-objective, so it is preconditioned with the gradient. Then ``θ ← θ - lr · buf`` with the
+objective, so it is preconditioned with the gradient. With ``kl_clip > 0`` the directions are
+scaled by the KL-clipping factor ``ν`` (Ba et al., 2017); without it, small batches give huge
+empirical-Fisher steps unless the damping is large. Then ``θ ← θ - lr · buf`` with the
 momentum buffer ``buf ← momentum · buf + direction``. Before a layer's first factors exist
 (no captured batch yet) its step is plain SGD.
 """
@@ -40,6 +42,7 @@ from dgn_dist.optim.kronecker import (
     is_kronecker_layer,
     matrix_to_param_updates,
     output_rows,
+    weight_and_bias,
     weight_to_matrix,
 )
 
@@ -50,7 +53,7 @@ def kronecker_layers(model: nn.Module) -> dict[str, nn.Module]:
             if is_kronecker_layer(m) and m.weight.requires_grad}
 
 
-def _check(name: str, value: float, ok: bool, constraint: str) -> None:
+def _check(name: str, value: object, ok: bool, constraint: str) -> None:
     if not ok:
         raise ValueError(f"{name} must satisfy {constraint}, got {value!r}")
 
@@ -69,11 +72,15 @@ class EKFAC(torch.optim.Optimizer):
         weight_decay: L2 coefficient (>= 0), preconditioned with the gradient.
         momentum: heavy-ball momentum in ``[0, 1)``.
         mode: ``"ekfac"`` (eigenvalue correction) or ``"kfac"``.
+        kl_clip: KL clipping (Ba et al., 2017) when > 0: the Kronecker layers' directions are
+            scaled by ``ν = min(1, sqrt(kl_clip / (lr² Σ <direction, gradient>)))``;
+            ``last_kl_scale`` holds the last ``ν``. 0 (default) is George et al.'s plain step.
     """
 
     def __init__(self, model: nn.Module, lr: float, damping: float = 1e-3,
                  ema_decay: float = 0.95, factor_interval: int = 1, inverse_interval: int = 20,
-                 weight_decay: float = 0.0, momentum: float = 0.0, mode: Mode = "ekfac") -> None:
+                 weight_decay: float = 0.0, momentum: float = 0.0, mode: Mode = "ekfac",
+                 kl_clip: float = 0.0) -> None:
         _check("lr", lr, lr > 0, "lr > 0")
         _check("damping", damping, damping > 0, "damping > 0")
         _check("ema_decay", ema_decay, 0 <= ema_decay < 1, "0 <= ema_decay < 1")
@@ -83,6 +90,7 @@ class EKFAC(torch.optim.Optimizer):
         _check("weight_decay", weight_decay, weight_decay >= 0, "weight_decay >= 0")
         _check("momentum", momentum, 0 <= momentum < 1, "0 <= momentum < 1")
         _check("mode", mode, mode in ("kfac", "ekfac"), "mode in {'kfac', 'ekfac'}")
+        _check("kl_clip", kl_clip, kl_clip >= 0, "kl_clip >= 0 (0 turns clipping off)")
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("model has no trainable parameters")
@@ -96,6 +104,8 @@ class EKFAC(torch.optim.Optimizer):
         self.factor_interval = factor_interval
         self.inverse_interval = inverse_interval
         self.mode: Mode = mode
+        self.kl_clip = kl_clip
+        self.last_kl_scale = 1.0
         self.factors = {name: KroneckerFactor(mode) for name in self.layers}
         self.steps = 0
         self._layer_param_ids = {id(p) for m in self.layers.values() for p in m.parameters()}
@@ -117,10 +127,11 @@ class EKFAC(torch.optim.Optimizer):
 
     def _rows(self, module: nn.Module, records: list[CallRecord]) -> tuple[Tensor, Tensor, int]:
         """Input rows, per-example output-gradient rows (``B ×`` captured) and ``B``."""
-        a = [input_rows(module, r.inputs) for r in records]
-        assert all(r.grad_output is not None for r in records)
-        g = [output_rows(module, r.grad_output * r.batch_size)  # type: ignore[operator]
-             for r in records]
+        a, g = [], []
+        for r in records:
+            assert r.grad_output is not None
+            a.append(input_rows(module, r.inputs))
+            g.append(output_rows(module, r.grad_output * r.batch_size))
         n = sum(r.batch_size for r in records)
         return torch.cat(a), torch.cat(g), n
 
@@ -156,18 +167,30 @@ class EKFAC(torch.optim.Optimizer):
                 loss = closure()
         group = self.param_groups[0]
         wd = group["weight_decay"]
+        directions: dict[str, Tensor] = {}
+        vg: list[Tensor] = []  # <direction, gradient> per Kronecker layer, for KL clipping
         for name, module in self.layers.items():
-            if module.weight.grad is None:
+            weight, bias = weight_and_bias(module)
+            if weight.grad is None:
                 continue
             self._update_curvature(name, module)
             grad = grad_to_matrix(module)
             if wd:
-                grad = grad + wd * weight_to_matrix(module.weight, module.bias)
+                grad = grad + wd * weight_to_matrix(weight, bias)
             factor = self.factors[name]
-            direction = factor.precondition(grad, group["damping"]) \
+            directions[name] = factor.precondition(grad, group["damping"]) \
                 if factor.has_eigenbasis else grad
+            if self.kl_clip > 0:
+                vg.append((directions[name] * grad).sum())
+        nu = 1.0
+        total = float(torch.stack(vg).sum()) if vg else 0.0  # one device sync per step
+        if total > 0:
+            nu = min(1.0, (self.kl_clip / (group["lr"] ** 2 * total)) ** 0.5)
+        self.last_kl_scale = nu
+        for name, direction in directions.items():
+            module = self.layers[name]
             for param, upd in zip(module.parameters(),
-                                  matrix_to_param_updates(module, direction), strict=True):
+                                  matrix_to_param_updates(module, direction * nu), strict=True):
                 self._apply(param, upd, group)
         for group_ in self.param_groups:
             for param in group_["params"]:
@@ -213,5 +236,5 @@ class EKFAC(torch.optim.Optimizer):
                              f"{sorted(self.factors)}; build the optimizer on the same model")
         super().load_state_dict(state)
         for name, factor in self.factors.items():
-            factor.load_state_dict(kron[name], device=self.layers[name].weight.device)
+            factor.load_state_dict(kron[name], device=weight_and_bias(self.layers[name])[0].device)
         self.steps = int(steps)

@@ -22,7 +22,8 @@ with ``torch.optim.LBFGS`` started at ``θ_old`` (``lbfgs_iters`` iterations, st
 optional strong-Wolfe line search). At ``θ_old`` both penalties vanish, so they act as a
 proximal term keeping the forward states and co-states of the pass feasible. All layers use
 the same forward/backward pass. The captured batch is kept until the layer's next forward
-call, so :meth:`EMSA.augmented_hamiltonian` can evaluate ``H^ρ`` after the step.
+call, so :meth:`EMSA.augmented_hamiltonian` can evaluate ``H^ρ`` after the step. ``H^ρ`` is
+evaluated in the parameters' dtype (captured tensors from an autocast forward are upcast).
 """
 
 from __future__ import annotations
@@ -56,6 +57,11 @@ def _train_mode(module: nn.Module) -> Iterator[None]:
         yield
     finally:
         module.training = was
+
+
+def _param_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype ``H^ρ`` is evaluated in (captured tensors may be lower precision)."""
+    return next(module.parameters()).dtype
 
 
 def _check(name: str, value: object, ok: bool, constraint: str) -> None:
@@ -112,13 +118,14 @@ class EMSA(torch.optim.Optimizer):
     def _costate_in(self, module: nn.Module, record: CallRecord) -> Tensor:
         """``p_t``: the hooked input gradient, or ``∇_z (p_{t+1}ᵀ f(z, θ_old))`` (one VJP)."""
         scale = record.batch_size
+        dtype = _param_dtype(module)
         if record.grad_input is not None:
-            return record.grad_input * scale
+            return record.grad_input.to(dtype) * scale
         assert record.grad_output is not None
         with torch.enable_grad():
-            z = record.inputs.detach().requires_grad_(True)
+            z = record.inputs.detach().to(dtype).requires_grad_(True)
             out = self._call(module, {}, z)
-            (grad,) = torch.autograd.grad(out, z, record.grad_output * scale)
+            (grad,) = torch.autograd.grad(out, z, record.grad_output.to(dtype) * scale)
         record.grad_input = grad.detach() / scale
         return grad.detach()
 
@@ -126,15 +133,16 @@ class EMSA(torch.optim.Optimizer):
                      theta: dict[str, Tensor], wd: float) -> Tensor:
         """``H^ρ(θ)`` of eq. 35 summed over the layer's recorded calls (differentiable)."""
         total = sum(wd / 2 * (t ** 2).sum() for t in theta.values()) if wd else 0.0
+        dtype = _param_dtype(module)
         for record in records:
             assert record.grad_output is not None and record.output is not None
             b = record.batch_size
-            p_next = record.grad_output * b
+            p_next = record.grad_output.to(dtype) * b
             p_in = self._costate_in(module, record)
-            z = record.inputs.detach().requires_grad_(True)
+            z = record.inputs.detach().to(dtype).requires_grad_(True)
             out = self._call(module, theta, z)
             h_bar = (p_next * out).sum()
-            term = h_bar + self.rho / 2 * ((record.output - out) ** 2).sum()
+            term = h_bar + self.rho / 2 * ((record.output.to(dtype) - out) ** 2).sum()
             if self.rho:
                 (grad_z,) = torch.autograd.grad(h_bar, z, create_graph=True)
                 term = term + self.rho / 2 * ((p_in - grad_z) ** 2).sum()
@@ -153,7 +161,7 @@ class EMSA(torch.optim.Optimizer):
             theta = {n: p.detach().requires_grad_(True) for n, p in self._params(module).items()}
             value = self._hamiltonian(module, records, theta,
                                       self.param_groups[0]["weight_decay"])
-        return float(value)
+        return float(value.detach())
 
     def _solve_layer(self, module: nn.Module, records: list[CallRecord],
                      group: dict[str, Any]) -> None:

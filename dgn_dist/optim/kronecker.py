@@ -142,13 +142,20 @@ def weight_to_matrix(weight: Tensor, bias: Tensor | None) -> Tensor:
     return mat
 
 
+def weight_and_bias(module: nn.Module) -> tuple[Tensor, Tensor | None]:
+    """The layer's ``(weight, bias)`` parameters (bias ``None`` when absent)."""
+    _check_layer(module)
+    weight, bias = module.weight, module.bias
+    assert isinstance(weight, Tensor) and (bias is None or isinstance(bias, Tensor))
+    return weight, bias
+
+
 def grad_to_matrix(module: nn.Module) -> Tensor:
     """The layer's gradient (weight and bias together) as a ``[d_out, d_in (+1)]`` matrix."""
-    _check_layer(module)
-    if module.weight.grad is None or (module.bias is not None and module.bias.grad is None):
+    weight, bias = weight_and_bias(module)
+    if weight.grad is None or (bias is not None and bias.grad is None):
         raise ValueError(f"{module!r} has no gradient; call loss.backward() before reading it")
-    bias_grad = module.bias.grad if module.bias is not None else None
-    return weight_to_matrix(module.weight.grad, bias_grad)
+    return weight_to_matrix(weight.grad, None if bias is None else bias.grad)
 
 
 def matrix_to_param_updates(module: nn.Module, mat: Tensor) -> list[Tensor]:
@@ -157,11 +164,10 @@ def matrix_to_param_updates(module: nn.Module, mat: Tensor) -> list[Tensor]:
     The list has one entry per parameter of the layer, in ``module.parameters()`` order
     (weight, then bias when present).
     """
-    _check_layer(module)
-    weight = module.weight
-    if module.bias is None:
+    weight, bias = weight_and_bias(module)
+    if bias is None:
         return [mat.reshape(weight.shape)]
-    return [mat[:, :-1].reshape(weight.shape), mat[:, -1].reshape(module.bias.shape)]
+    return [mat[:, :-1].reshape(weight.shape), mat[:, -1].reshape(bias.shape)]
 
 
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -6,10 +6,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from dgn_dist.repro import quickstart
+from dgn_dist.repro import quickstart, table2
 
 COMMANDS = {
     "quickstart": (quickstart, "README main job: DGNOpt and baselines on DIGITS"),
+    "table2-digits": (table2, "Table 2, DIGITS row: 7 optimizers x N seeds, tuned lr"),
 }
 
 

@@ -1,0 +1,316 @@
+"""DGNOpt as a ``torch.optim.Optimizer`` (Alg. 1; DESIGN.md sections 2-3).
+
+Call sequence -- the ordinary PyTorch loop::
+
+    opt = DGNOpt(model, lr=0.1, info="fne", curvature="kfac")
+    logits = model(x)                    # forward pre-hook: keeps x (detached);
+                                         # forward hook: keeps the logits and hooks their grad
+    loss = F.cross_entropy(logits, y)
+    opt.zero_grad()
+    loss.backward()                      # tensor hook: keeps V_x^T = ∂loss/∂logits
+    opt.step()                           # trajectory, backward sweep, update pass
+
+The hooks capture only forwards in training mode with grad enabled, and ``step`` consumes the
+capture (a second ``step`` without a new forward/backward raises). ``step`` recomputes the
+trajectory through the game (BatchNorm running statistics frozen: the model forward updated
+them once), runs the backward sweep (:mod:`dgn_dist.dgnopt.sweep`) and the update pass
+(:mod:`dgn_dist.dgnopt.update_pass`). ``.grad`` from ``loss.backward()`` is not used, so a
+wrapper that owns ``backward`` (Accelerate's ``accelerator.backward``, DeepSpeed's engine)
+works unchanged as long as the model forward runs through the hooked module; gradient
+accumulation over several forwards is not supported (the last forward wins). The loss must be
+``mean_b CE`` (or anything whose logits gradient is ``V_x^T``; the terminal ``V_xx`` factors
+assume cross-entropy, DESIGN.md section 3).
+
+A non-finite ``V_x^T``, curvature statistic or update skips the step with a warning and
+multiplies the damping by 10; parameters are never left non-finite. Non-finite input data
+raises ``ValueError``. ``damping`` lives in ``param_groups[0]["damping"]`` so a schedule can
+change it like the learning rate.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from dgn_dist.dgnopt.capture import frozen_batchnorm
+from dgn_dist.dgnopt.gains import CURVATURES, INFOS, StageSolver
+from dgn_dist.dgnopt.stats import tag, to_floats, value_stats
+from dgn_dist.dgnopt.sweep import StageSolution, SweepOptions, sweep_stage
+from dgn_dist.dgnopt.terminal import VXX_KINDS, terminal_factors
+from dgn_dist.dgnopt.update_pass import NonFiniteUpdate, update_pass
+from dgn_dist.game import ALIGNMENTS, Game, build_game
+
+#: Damping is multiplied by this factor when a step is skipped as non-finite.
+DAMPING_BUMP = 10.0
+
+
+def check_options(*, lr: float, info: str, curvature: str, vxx: str, rank: int,
+                  damping: float, ema_decay: float, factor_interval: int,
+                  inverse_interval: int, weight_decay: float, feedback_scale: float,
+                  alignment: str, coop_iters: int = 20, coop_tol: float = 1e-8,
+                  stats_every: int = 0) -> None:
+    """Validate DGNOpt hyper-parameters; raises ``ValueError`` stating the constraint."""
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ValueError(msg)
+
+    need(lr > 0, f"lr must be > 0; got {lr}")
+    need(info in INFOS, f"info must be one of {', '.join(INFOS)}; got {info!r}")
+    need(curvature in CURVATURES,
+         f"curvature must be one of {', '.join(CURVATURES)}; got {curvature!r}")
+    need(vxx in VXX_KINDS, f"vxx must be one of {', '.join(VXX_KINDS)}; got {vxx!r}")
+    need(rank >= 1, f"rank must be >= 1; got {rank}")
+    need(damping >= 0, f"damping must be >= 0; got {damping}")
+    need(curvature == "identity" or damping > 0,
+         f"damping must be > 0 for curvature={curvature!r} (the curvature can be singular)")
+    need(0.0 <= ema_decay < 1.0, f"ema_decay must satisfy 0 <= ema_decay < 1; got {ema_decay}")
+    need(factor_interval >= 1, f"factor_interval must be >= 1; got {factor_interval}")
+    need(inverse_interval >= 1, f"inverse_interval must be >= 1; got {inverse_interval}")
+    need(weight_decay >= 0, f"weight_decay must be >= 0; got {weight_decay}")
+    need(feedback_scale >= 0, f"feedback_scale must be >= 0; got {feedback_scale}")
+    need(alignment in ALIGNMENTS,
+         f"alignment must be one of {', '.join(ALIGNMENTS)}; got {alignment!r}")
+    need(not (info == "gr" and curvature == "diag"),
+         "info='gr' needs a curvature with a cooperative form (identity, kfac or ekfac); "
+         "curvature='diag' has none -- use info='fne' or a Kronecker curvature")
+    need(coop_iters >= 0, f"coop_iters must be >= 0; got {coop_iters}")
+    need(coop_tol >= 0, f"coop_tol must be >= 0; got {coop_tol}")
+    need(stats_every >= 0, f"stats_every must be >= 0; got {stats_every}")
+
+
+class DGNOpt(Optimizer):
+    """Dynamic Game Theoretic Neural Optimizer (Liu, Chen & Theodorou, ICML 2021).
+
+    Args:
+        model: the network; its forward must return logits ``[B, C]``.
+        lr: learning rate.
+        info: ``"olne"`` (back-propagation baselines), ``"fne"`` or ``"gr"``.
+        curvature: ``"identity"``, ``"diag"``, ``"kfac"`` or ``"ekfac"`` (``Q_θθ``).
+        vxx: terminal ``V_xx`` factors, ``"empirical"``, ``"sampled"`` or ``"exact"``.
+        rank: samples per example for ``vxx="sampled"``.
+        damping: Tikhonov damping ``λ`` of ``Q_θθ``.
+        ema_decay: EMA decay of the curvature statistics.
+        factor_interval: update curvature statistics every N steps.
+        inverse_interval: recompute eigenbases every N steps.
+        weight_decay: ``wd`` of the stage cost ``ℓ = wd/2 ‖θ‖²``.
+        feedback_scale: multiplies ``K δx`` in the update pass.
+        alignment: residual-shortcut alignment used to build the game.
+        game: a prebuilt game over ``model``'s modules (built from ``model`` when ``None``).
+        zero_cross: ``gr`` with cross blocks zeroed (Theorem 6; ablations).
+        zero_feedback: ``Q_θx := 0`` (Theorem 6; ablations).
+        coop_iters: conjugate-gradient iterations of two-group cooperative solves.
+        coop_tol: their relative tolerance.
+        stats_every: record statistics on every N-th step (0 = never).
+    """
+
+    def __init__(self, model: nn.Module, *, lr: float = 0.1, info: str = "fne",
+                 curvature: str = "kfac", vxx: str = "empirical", rank: int = 1,
+                 damping: float = 1e-3, ema_decay: float = 0.95, factor_interval: int = 1,
+                 inverse_interval: int = 20, weight_decay: float = 0.0,
+                 feedback_scale: float = 1.0, alignment: str = "second",
+                 game: Game | None = None, zero_cross: bool = False,
+                 zero_feedback: bool = False, coop_iters: int = 20, coop_tol: float = 1e-8,
+                 stats_every: int = 0) -> None:
+        check_options(lr=lr, info=info, curvature=curvature, vxx=vxx, rank=rank,
+                      damping=damping, ema_decay=ema_decay, factor_interval=factor_interval,
+                      inverse_interval=inverse_interval, weight_decay=weight_decay,
+                      feedback_scale=feedback_scale, alignment=alignment,
+                      coop_iters=coop_iters, coop_tol=coop_tol, stats_every=stats_every)
+        self.game = game if game is not None else build_game(model, alignment)  # type: ignore[arg-type]
+        params = [p for p in model.parameters() if p.requires_grad]
+        owned = {id(p) for _, pl in self.game.players() for p in pl.parameters()}
+        missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in owned]
+        if missing:
+            raise ValueError(f"parameters {missing} belong to no player of the game; DGNOpt "
+                             "updates players only (freeze them or fix the game)")
+        defaults = {"lr": lr, "damping": damping, "weight_decay": weight_decay,
+                    "feedback_scale": feedback_scale, "dgn_step": 0, "skipped": 0}
+        super().__init__(params, defaults)
+        self.info, self.curvature, self.vxx, self.rank = info, curvature, vxx, rank
+        self.ema_decay = ema_decay
+        self.factor_interval, self.inverse_interval = factor_interval, inverse_interval
+        self.zero_feedback = zero_feedback
+        self.stats_every = stats_every
+        self.solvers = [StageSolver(s, info, curvature, zero_cross=zero_cross,
+                                    coop_iters=coop_iters, coop_tol=coop_tol)
+                        for s in self.game.stages]
+        self._recorded: dict[str, Tensor] = {}
+        #: Set to True to keep the last sweep's V_x^t, U^t, k per stage in ``last_sweep``
+        #: (tests and debugging; holds the tensors until the next step).
+        self.keep_sweep = False
+        self.last_sweep: dict[str, dict[int, Any]] = {}
+        self._x: Tensor | None = None
+        self._logits: Tensor | None = None
+        self._vx: Tensor | None = None
+        self._handles = [model.register_forward_pre_hook(self._capture_input),
+                         model.register_forward_hook(self._capture_output)]
+
+    # -- hooks -------------------------------------------------------------------------
+    def _capture_input(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if module.training and torch.is_grad_enabled():
+            self._x, self._logits, self._vx = args[0].detach(), None, None
+
+    def _capture_output(self, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
+        if module.training and torch.is_grad_enabled() and output.requires_grad:
+            self._logits = output.detach()
+            output.register_hook(self._capture_grad)
+
+    def _capture_grad(self, grad: Tensor) -> None:
+        self._vx = grad.detach()
+
+    def remove_hooks(self) -> None:
+        """Detach the optimizer from the model (no further captures)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    # -- step --------------------------------------------------------------------------
+    @property
+    def feedback(self) -> bool:
+        return self.info != "olne" and not self.zero_feedback
+
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        """One DGNOpt iteration on the captured batch (see the module docstring)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        x, logits, v_x = self._x, self._logits, self._vx
+        if x is None or logits is None or v_x is None:
+            raise RuntimeError(
+                "DGNOpt.step() needs a captured batch: run logits = model(x) in training mode "
+                "and loss.backward() before every step()")
+        self._x = self._logits = self._vx = None
+        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            raise ValueError("the input batch contains NaN or inf; clean the data")
+        group = self.param_groups[0]
+        if not bool(torch.isfinite(v_x).all() & torch.isfinite(logits).all()):
+            self._skip("non-finite loss gradient")
+            return loss
+        try:
+            with torch.enable_grad(), frozen_batchnorm(self.game):
+                self._iterate(x, logits, v_x, group)
+        except NonFiniteUpdate as err:
+            self._skip(str(err))
+            return loss
+        group["dgn_step"] += 1
+        return loss
+
+    def _skip(self, reason: str) -> None:
+        group = self.param_groups[0]
+        group["damping"] = max(group["damping"], 1e-8) * DAMPING_BUMP
+        group["skipped"] += 1
+        warnings.warn(f"DGNOpt skipped step {group['dgn_step']}: {reason}; damping raised to "
+                      f"{group['damping']:.3g}", RuntimeWarning, stacklevel=3)
+
+    def _iterate(self, x: Tensor, logits: Tensor, v_x: Tensor, group: dict[str, Any]) -> None:
+        step = int(group["dgn_step"])
+        record = self.stats_every > 0 and (step + 1) % self.stats_every == 0
+        use_factors = self.curvature in ("kfac", "ekfac") or self.feedback
+        opts = SweepOptions(feedback=self.feedback, use_factors=use_factors,
+                            weight_decay=float(group["weight_decay"]),
+                            damping=float(group["damping"]), decay=self.ema_decay,
+                            update_factors=step % self.factor_interval == 0,
+                            refresh=step % self.inverse_interval == 0, record=record)
+        stages = list(self.game.stages)
+        with torch.no_grad():
+            states = self.game.trajectory(x)
+        if states[-1][0].shape != v_x.shape:
+            raise RuntimeError(f"the game's output {tuple(states[-1][0].shape)} does not match "
+                               f"the captured logits {tuple(v_x.shape)}")
+        u = (terminal_factors(logits, v_x, self.vxx, self.rank),) if use_factors else None
+        vx_t: tuple[Tensor, ...] = (v_x,)
+        recorded: dict[str, Tensor] = {}
+        if record:
+            recorded.update({f"value/terminal/{k}": v for k, v in value_stats(vx_t, u).items()})
+        solutions: list[StageSolution] = []
+        keep: dict[str, dict[int, Any]] = {"vx": {len(stages): vx_t}, "u": {len(stages): u},
+                                           "k": {}, "states": dict(enumerate(states))}
+        for t in reversed(range(len(stages))):
+            sol, vx_prev, u_prev = sweep_stage(stages[t], self.solvers[t], states[t], vx_t, u,
+                                               opts, need_value=t > 0)
+            if not bool(torch.stack([torch.isfinite(k).all() for k in sol.k]).all()
+                        if sol.k else True):
+                raise NonFiniteUpdate(f"non-finite open gain at stage {stages[t].name}")
+            solutions.insert(0, sol)
+            keep["vx"][t], keep["u"][t], keep["k"][t] = vx_prev, u_prev, sol.k
+            if record:
+                name = tag(stages[t].name)
+                if vx_prev is not None:
+                    for k, v in value_stats(vx_prev, u_prev).items():
+                        recorded[f"value/{name}/{k}"] = v
+                for k, v in sol.stats.items():
+                    prefix = "coop" if k == "cross_ratio" else "value"
+                    recorded[f"{prefix}/{name}/{k}"] = v
+            if vx_prev is not None:
+                vx_t, u = vx_prev, u_prev
+        if self.keep_sweep:
+            self.last_sweep = keep
+        rec = update_pass(stages, self.solvers, states, solutions, lr=float(group["lr"]),
+                          feedback_scale=float(group["feedback_scale"]),
+                          feedback=self.feedback, record=record)
+        if record:
+            for name, val in rec.open_norm.items():
+                fb = rec.feedback_norm[name]
+                recorded[f"update/{tag(name)}/open_norm"] = val
+                recorded[f"update/{tag(name)}/feedback_norm"] = fb
+                recorded[f"update/{tag(name)}/feedback_ratio"] = fb / val.clamp_min(1e-30)
+            self._recorded = recorded
+
+    # -- statistics --------------------------------------------------------------------
+    def curvature_stats(self) -> dict[str, float]:
+        """Namespaced scalars (see :mod:`dgn_dist.dgnopt.stats`): curvature factors now, the
+        value/update/coop statistics of the last recorded step (``stats_every``)."""
+        out = to_floats(self._recorded)
+        damping = float(self.param_groups[0]["damping"])
+        for solver in self.solvers:
+            per_player = solver.player_stats()
+            for view in solver.views:
+                name = tag(view.name)
+                for k, v in per_player.get(view.name, {}).items():
+                    out[f"curvature/{name}/{k}"] = v
+                out[f"curvature/{name}/damping"] = damping
+        return out
+
+    def curvature_eigenvalues(self) -> dict[str, Tensor]:
+        """Eigenvalues of every Kronecker factor (``curvature/<player>/{A,G}_eig``), for
+        TensorBoard histograms."""
+        out: dict[str, Tensor] = {}
+        for solver in self.solvers:
+            for blk in solver.blocks:
+                for sub in getattr(blk, "u", None), getattr(blk, "v", None), blk:
+                    factor = getattr(sub, "factor", None)
+                    if factor is None or factor.eig_a is None:
+                        continue
+                    for view in sub.views:  # type: ignore[union-attr]
+                        out[f"curvature/{tag(view.name)}/A_eig"] = factor.eig_a.detach()
+                        out[f"curvature/{tag(view.name)}/G_eig"] = factor.eig_g.detach()
+        return out
+
+    # -- checkpoints -------------------------------------------------------------------
+    def _anchors(self) -> list[Tensor | None]:
+        return [s.views[0].params[0] if s.views else None for s in self.solvers]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The usual optimizer state with every curvature tensor in ``state`` (tensors and
+        primitives only; ``torch.load(weights_only=True)`` restores it)."""
+        for solver, anchor in zip(self.solvers, self._anchors(), strict=False):
+            if anchor is None:
+                continue
+            slot = self.state[anchor]
+            for key in [k for k in slot if k.startswith("dgn.")]:
+                del slot[key]
+            slot.update({f"dgn.{k}": v for k, v in solver.state().items()})
+        return super().state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        for solver, anchor in zip(self.solvers, self._anchors(), strict=False):
+            if anchor is None:
+                continue
+            slot = self.state.get(anchor, {})
+            solver.load_state({k[4:]: v for k, v in slot.items() if k.startswith("dgn.")})

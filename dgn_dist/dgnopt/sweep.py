@@ -1,0 +1,183 @@
+"""Backward sweep of one stage (Alg. 1 lines 4-7; DESIGN.md sections 2.1 and 3).
+
+Given ``V_x^{t+1}`` (tuple of ``[B, *state]``) and the factors ``U^{t+1}`` (tuple of
+``[B, r, *state]``, ``V_xx^{t+1} ≈ Σ_i u_{b,i} u_{b,i}ᵀ`` per sample), one stage computes:
+
+1. ``Q_θ = ℓ_θ + VJP_θ(V_x^{t+1})`` with ``ℓ = wd/2 ‖θ‖²`` (one forward, one VJP);
+2. the factor pass: the stage input repeated ``r`` times is run forward once and ONE autograd
+   call pulls every ``u_{b,i}`` back, giving the players' output-side rows ``g`` (Kronecker
+   ``G`` factors, per-sample gradients ``ψ_{b,i} = F_θᵀ u_{b,i}``) and
+   ``W_{b,i} = VJP_x(u_{b,i})``;
+3. the curvature update and the open gain ``k = Q_θθ⁻¹ Q_θ`` (:mod:`dgn_dist.dgnopt.gains`);
+4. ``V_x^t = VJP_x(V_x^{t+1} − Σ_i u_{b,i} <u_{b,i}, (J_θ k)_b>)`` (one JVP, one VJP) --
+   this is ``Q_x − Q_xθ k`` of eq. 10;
+5. ``V_xx^t = Wᵀ (I − Γ) W`` with ``Γ_b`` the per-sample Gram blocks under ``Q_θθ⁻¹``,
+   refactored as ``U_b^t = (I − Γ_b)^{1/2} W_b`` with negative eigenvalues clipped to 0.
+
+Without feedback (``olne``, or ``Q_θx := 0``) steps 4-5 reduce to back-propagation:
+``V_x^t = Q_x`` and ``U^t = W``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from dgn_dist.dgnopt.autodiff import jvp_params, vjp
+from dgn_dist.dgnopt.blocks import StageBatch
+from dgn_dist.dgnopt.capture import (
+    PlayerTap,
+    contract_factors,
+    flat_factors,
+    leaves,
+    repeat_samples,
+)
+from dgn_dist.dgnopt.gains import StageSolver
+from dgn_dist.dgnopt.players import PlayerView
+from dgn_dist.game.core import Stage, State
+
+
+@dataclass
+class SweepOptions:
+    """Switches of one sweep.
+
+    Attributes:
+        feedback: ``Q_θx`` is kept (``fne`` / ``gr``); ``False`` for ``olne`` or ``Q_θx := 0``.
+        use_factors: the ``V_xx`` factors are propagated at all (curvature or feedback).
+        weight_decay: ``wd`` of the stage cost.
+        damping: Tikhonov damping ``λ``.
+        decay: EMA decay of the curvature statistics.
+        update_factors: fold this step's statistics in (``factor_interval``).
+        refresh: recompute eigenbases (``inverse_interval``).
+        record: keep statistics for :mod:`dgn_dist.dgnopt.stats`.
+    """
+
+    feedback: bool
+    use_factors: bool
+    weight_decay: float
+    damping: float
+    decay: float
+    update_factors: bool
+    refresh: bool
+    record: bool = False
+
+
+@dataclass
+class StageSolution:
+    """What the update pass needs from the sweep, plus optional statistics."""
+
+    k: list[Tensor]
+    u_next: State | None
+    stats: dict[str, Tensor] = field(default_factory=dict)
+
+
+def psd_sqrt(m: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric square root of ``[B, r, r]`` symmetric matrices with negative eigenvalues
+    clipped to 0; also returns how many eigenvalues were clipped (below ``-tol``)."""
+    evals, evecs = torch.linalg.eigh(m)
+    tol = 100 * torch.finfo(m.dtype).eps * max(1, m.shape[-1])
+    clipped = (evals < -tol).sum()
+    root = evecs @ torch.diag_embed(evals.clamp_min(0.0).sqrt()) @ evecs.transpose(1, 2)
+    return root, clipped
+
+
+def sweep_stage(stage: Stage, solver: StageSolver, x_t: State, vx_next: State,
+                u_next: State | None, opts: SweepOptions,
+                need_value: bool) -> tuple[StageSolution, State | None, State | None]:
+    """Run the backward sweep at one stage (module docstring).
+
+    Args:
+        stage: the stage ``F_t`` (BatchNorm running statistics must be frozen by the caller).
+        solver: its curvature blocks.
+        x_t: the stage input ``X_t`` of the current trajectory.
+        vx_next: ``V_x^{t+1}``.
+        u_next: ``U^{t+1}`` (``None`` when ``opts.use_factors`` is off).
+        opts: switches.
+        need_value: compute ``V_x^t`` and ``U^t`` (false for the first stage).
+
+    Returns:
+        ``(solution, V_x^t, U^t)``; the last two are ``None`` when not needed.
+    """
+    views = solver.views
+    params = [p for v in views for p in v.params]
+    plain = not opts.feedback
+    xs = leaves(x_t) if need_value else tuple(s.detach() for s in x_t)
+    with PlayerTap([v.player for v in views]) as tap:
+        out = stage(xs)
+    roots = list(params) + (list(xs) if need_value and plain else [])
+    grads = vjp(out, vx_next, roots, retain_graph=need_value and not plain)
+    q_theta, offset = [], 0
+    for v in views:
+        g = grads[offset:offset + len(v.params)]
+        offset += len(v.params)
+        q = v.to_native([gi.detach() for gi in g])
+        q_theta.append(q + opts.weight_decay * v.theta() if opts.weight_decay else q)
+    vx_t: State | None = tuple(g.detach() for g in grads[offset:]) if need_value and plain \
+        else None
+
+    batch = StageBatch(num=x_t[0].shape[0], rank=1, q_theta=q_theta,
+                       a=[None] * len(views), g=[None] * len(views))
+    w: State | None = None
+    if opts.use_factors and u_next is not None and (views or need_value):
+        w = _factor_pass(stage, views, x_t, u_next, batch, tap, need_value)
+    solver.update(batch, decay=opts.decay, update_factors=opts.update_factors,
+                  refresh=opts.refresh, damping=opts.damping, weight_decay=opts.weight_decay)
+    k = solver.solve(q_theta)
+    stats: dict[str, Tensor] = {}
+    if opts.record:
+        ratio = solver.cross_ratio()
+        if ratio is not None:
+            stats["cross_ratio"] = ratio.detach()
+    u_t: State | None = None
+    if need_value and opts.feedback:
+        assert u_next is not None
+        directions = [d for v, kn in zip(views, k, strict=False) for d in v.from_native(kn)]
+        jk = jvp_params(stage, params, x_t, directions) if params else \
+            tuple(torch.zeros_like(o) for o in out)
+        corr = contract_factors(u_next, jk)  # Q_xθ k before the pull-back
+        vx_t = tuple(g.detach() for g in
+                     vjp(out, tuple(v - c for v, c in zip(vx_next, corr, strict=False)), xs))
+        assert w is not None
+        u_t, clipped = _refactor(solver, batch, w, views_present=bool(views))
+        if opts.record:
+            stats["clipped_frac"] = clipped.to(torch.float64) / (batch.num * batch.rank)
+    elif need_value and opts.use_factors:
+        u_t = w
+    return StageSolution(k=k, u_next=u_next, stats=stats), vx_t, u_t
+
+
+def _factor_pass(stage: Stage, views: list[PlayerView], x_t: State, u_next: State,
+                 batch: StageBatch, tap: PlayerTap, need_value: bool) -> State:
+    """Pull the factors back through the stage in one autograd call (module docstring)."""
+    b, r = u_next[0].shape[0], u_next[0].shape[1]
+    batch.rank = r
+    for n, v in enumerate(views):
+        inp = tap.input(n)
+        batch.a[n] = v.a_rows(inp) if v.kron else v.normalized_input(inp)
+    xr = repeat_samples(x_t, r)
+    if need_value:
+        xr = leaves(xr)
+    tap_r = PlayerTap([v.player for v in views], clone_outputs=True)
+    with tap_r:
+        out_r = stage(xr)
+    roots = [tap_r.output(n) for n in range(len(views))] + (list(xr) if need_value else [])
+    grads = vjp(out_r, flat_factors(u_next), roots)
+    for n, v in enumerate(views):
+        batch.g[n] = v.g_rows(grads[n]) if v.kron else grads[n].detach()
+    if not need_value:
+        return ()
+    return tuple(g.detach().reshape(b, r, *g.shape[1:]) for g in grads[len(views):])
+
+
+def _refactor(solver: StageSolver, batch: StageBatch, w: State,
+              views_present: bool) -> tuple[State, Tensor]:
+    """``U_b^t = (I − Γ_b)^{1/2} W_b`` (clipped); returns the factors and the clip count."""
+    b, r = w[0].shape[0], w[0].shape[1]
+    eye = torch.eye(r, dtype=w[0].dtype, device=w[0].device).expand(b, r, r)
+    if not views_present:
+        return w, torch.zeros((), dtype=torch.long, device=w[0].device)
+    gram = solver.gram(batch).to(w[0].dtype)
+    root, clipped = psd_sqrt(eye - gram)
+    return tuple(torch.einsum("bij,bj...->bi...", root, x) for x in w), clipped

@@ -1,0 +1,108 @@
+"""The update pass (Alg. 1 lines 8-12; DESIGN.md section 2.2).
+
+``δX_0 = 0``; for ``t = 0 … T-1``::
+
+    Q_θx δX_t = VJP_θ( Σ_i u_{b,i} <u_{b,i}, (J_x δX_t)_b> )     (old trajectory, old θ_t)
+    δθ_t      = lr · (k_t + feedback_scale · Q_θθ⁻¹ Q_θx δX_t)
+    θ_t      ← θ_t − δθ_t
+    X'_{t+1}  = F_t(X'_t, θ_t)                                    (no graph)
+    δX_{t+1}  = X'_{t+1} − X_{t+1}
+
+Parameters are only changed after every ``δθ_t`` of a stage is finite; if one is not, the
+stages already updated are restored and :class:`NonFiniteUpdate` is raised.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from dgn_dist.dgnopt.autodiff import jvp_state, vjp
+from dgn_dist.dgnopt.capture import contract_factors
+from dgn_dist.dgnopt.gains import NonFiniteUpdate, StageSolver
+from dgn_dist.dgnopt.sweep import StageSolution
+from dgn_dist.game.core import Stage, State
+
+__all__ = ["NonFiniteUpdate", "UpdateRecord", "feedback_term", "update_pass"]
+
+
+@dataclass
+class UpdateRecord:
+    """Per-player norms of the open and feedback parts of ``δθ`` (when recorded)."""
+
+    open_norm: dict[str, Tensor] = field(default_factory=dict)
+    feedback_norm: dict[str, Tensor] = field(default_factory=dict)
+
+
+def feedback_term(stage: Stage, solver: StageSolver, x_t: State, dx: State,
+                  u_next: State) -> list[Tensor]:
+    """``K δX = Q_θθ⁻¹ Q_θx δX`` in native form (one JVP, one VJP, one solve)."""
+    views = solver.views
+    params = [p for v in views for p in v.params]
+    jx = jvp_state(stage, x_t, dx)
+    coef = contract_factors(u_next, jx)
+    with torch.enable_grad():
+        out = stage(tuple(s.detach() for s in x_t))
+        grads = vjp(out, coef, params)
+    rhs, offset = [], 0
+    for v in views:
+        rhs.append(v.to_native([g.detach() for g in grads[offset:offset + len(v.params)]]))
+        offset += len(v.params)
+    return solver.solve(rhs)
+
+
+def update_pass(stages: Sequence[Stage], solvers: Sequence[StageSolver],
+                states: Sequence[State], solutions: Sequence[StageSolution], *, lr: float,
+                feedback_scale: float, feedback: bool,
+                record: bool = False) -> UpdateRecord:
+    """Apply ``θ ← θ − lr (k + feedback_scale · K δX)`` stage by stage (module docstring).
+
+    Args:
+        stages: the game's stages.
+        solvers: their curvature solvers (after the sweep).
+        states: the trajectory ``X_0 … X_T`` the sweep linearised around.
+        solutions: the sweep's per-stage open gains and ``U^{t+1}``.
+        lr: learning rate.
+        feedback_scale: multiplies ``K δX`` (0 turns the feedback off).
+        feedback: ``Q_θx`` is kept (``fne`` / ``gr``).
+        record: keep per-player norms of the two parts.
+
+    Raises:
+        NonFiniteUpdate: a stage's update is not finite (parameters are left unchanged).
+    """
+    rec = UpdateRecord()
+    backups: list[tuple[Tensor, Tensor]] = []
+    x_new: State = tuple(s.detach() for s in states[0])
+    dx: State | None = None
+    try:
+        for t, (stage, solver, sol) in enumerate(zip(stages, solvers, solutions, strict=False)):
+            views = solver.views
+            kdx: list[Tensor] | None = None
+            if feedback and feedback_scale != 0.0 and dx is not None and sol.u_next is not None:
+                kdx = feedback_term(stage, solver, states[t], dx, sol.u_next)
+            steps = []
+            for n, v in enumerate(views):
+                open_part = lr * sol.k[n]
+                step = open_part if kdx is None else open_part + (lr * feedback_scale) * kdx[n]
+                if record:
+                    rec.open_norm[v.name] = open_part.norm().detach()
+                    rec.feedback_norm[v.name] = (step - open_part).norm().detach()
+                steps.append(step)
+            if steps and not bool(torch.stack([torch.isfinite(s).all() for s in steps]).all()):
+                raise NonFiniteUpdate(f"non-finite update at stage {stage.name}")
+            with torch.no_grad():
+                for v, step in zip(views, steps, strict=False):
+                    for p, d in zip(v.params, v.from_native(step), strict=False):
+                        backups.append((p, p.detach().clone()))
+                        p.sub_(d.to(p.dtype))
+                x_new = stage(x_new)
+            dx = tuple(a - b.detach() for a, b in zip(x_new, states[t + 1], strict=False))
+    except NonFiniteUpdate:
+        with torch.no_grad():
+            for p, old in reversed(backups):
+                p.copy_(old)
+        raise
+    return rec
