@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from dgn_dist.dgnopt.blocks import CoopPairBlock, KronBlock, StageBatch, pcg
+from dgn_dist.dgnopt.blocks import KronBlock, StageBatch
+from dgn_dist.dgnopt.coop import CoopPairBlock, pcg
 from dgn_dist.dgnopt.players import PlayerView
 from dgn_dist.game.core import Player
 

@@ -45,10 +45,11 @@ def jvp_params(stage: Stage, params: Sequence[nn.Parameter], state: State,
     primal = tuple(s.detach() for s in state)
 
     def f(*values: Tensor) -> State:
-        return functional_call(stage, dict(zip(keys, values, strict=False)), (primal,), strict=False)
+        overrides = dict(zip(keys, values, strict=True))
+        return functional_call(stage, overrides, (primal,), strict=False)
 
-    _, tangent = jvp(f, tuple(p.detach() for p in params),
-                     tuple(d.detach().to(p.dtype) for d, p in zip(directions, params, strict=False)))
+    tangents = tuple(d.detach().to(p.dtype) for d, p in zip(directions, params, strict=True))
+    _, tangent = jvp(f, tuple(p.detach() for p in params), tangents)
     return tangent
 
 

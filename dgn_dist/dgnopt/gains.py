@@ -24,7 +24,6 @@ from torch import Tensor
 
 from dgn_dist.dgnopt.blocks import (
     Block,
-    CoopPairBlock,
     GNDiagBlock,
     IdentityBlock,
     KronBlock,
@@ -32,6 +31,7 @@ from dgn_dist.dgnopt.blocks import (
     RmsDiagBlock,
     StageBatch,
 )
+from dgn_dist.dgnopt.coop import CoopPairBlock
 from dgn_dist.dgnopt.players import PlayerView
 from dgn_dist.game.core import Stage
 

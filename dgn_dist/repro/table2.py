@@ -64,6 +64,18 @@ SPECS: dict[str, OptimizerSpec] = {s.label: s for s in (
     OptimizerSpec("dgnopt-fne", "DGNOpt-FNE", ('optim.name="dgnopt"', 'game.info="fne"'), 96.34),
     OptimizerSpec("dgnopt-gr", "DGNOpt-GR", ('optim.name="dgnopt"', 'game.info="gr"'), 96.34),
 )}
+LR_FILE_HEADER = (
+    "Learning rates of `dgn-repro table2-digits` (Table 2, DIGITS row), one per optimizer.",
+    "Written by `dgn-repro table2-digits --tune`: for each optimizer, a log grid inside its "
+    "range (paper",
+    "Table 8 for sgd/rmsprop/adam/ekfac; ours for emsa and dgnopt-*, see range_source), every "
+    "point",
+    "trained with configs/table2_digits.toml on the listed seeds and epochs, and the lr "
+    "with the best",
+    "mean final-epoch VALIDATION accuracy kept (tie-break: mean of the last 3 epochs); the "
+    "test set is",
+    "never read. [tuning.<opt>] records each grid, its scores, seeds, epochs and date.",
+)
 BASE_CONFIG = CONFIG_DIR / "table2_digits.toml"
 LR_FILE = CONFIG_DIR / "table2_digits_lr.toml"
 
@@ -87,6 +99,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated subset of {','.join(SPECS)} (default all)")
     parser.add_argument("--tune", action="store_true",
                         help="first tune each lr on the validation split, write --lr-file")
+    parser.add_argument("--tune-only", action="store_true",
+                        help="with --tune: stop after writing --lr-file")
     parser.add_argument("--tune-seeds", type=int, default=2, help="seeds per grid point (2)")
     parser.add_argument("--tune-points", type=int, default=5, help="lr grid points (5)")
     parser.add_argument("--tune-epochs", type=int, default=None,
@@ -152,7 +166,7 @@ def run_one(train_fn: TrainFn, cfg: Any, seed: int) -> RunRecord:
 
 
 def tune(labels: Sequence[str], base: Path, seeds: Sequence[int], points: int,
-         epochs: int | None, max_steps: int, out: Path, train_fn: TrainFn,
+         epochs: int, max_steps: int, out: Path, train_fn: TrainFn,
          log: Callable[[str], None] = print) -> list[TuneResult]:
     """Tune the lr of every optimizer in ``labels`` by validation accuracy
     (:func:`dgn_dist.repro.tuning.tune_lr`); runs go to ``out/tune/<opt>/lr<lr>-seed<k>``."""
@@ -165,7 +179,7 @@ def tune(labels: Sequence[str], base: Path, seeds: Sequence[int], points: int,
             run_dir = out / "tune" / spec.label / f"lr{lr:g}-seed{seed}"
             return train_fn(make_config(base, spec, lr, seed, epochs, max_steps, run_dir))
 
-        res = tune_lr(label, grid, seeds, run_fn, epochs or 0, log)
+        res = tune_lr(label, grid, seeds, run_fn, epochs, log, max_steps)
         log(f"[tune] {label}: best lr {res.best_lr:g} on grid {grid}")
         results.append(res)
     return results
@@ -227,22 +241,17 @@ def reproduce(args: argparse.Namespace, train_fn: TrainFn | None = None,
             return 2
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
+    if args.epochs is None:
+        from dgn_dist.config import load_config
+
+        args.epochs = load_config(args.config).run.epochs
     if args.tune:
         tuned = tune(labels, args.config, range(args.tune_seeds), args.tune_points,
                      args.tune_epochs or args.epochs, args.max_steps, out, train_fn, log)
-        epochs = args.tune_epochs or args.epochs or "the --config"
-        write_lr_file(args.lr_file, tuned, [
-            "Learning rates of `dgn-repro table2-digits` (Table 2, DIGITS row), one per "
-            "optimizer.",
-            f"Obtained by `dgn-repro table2-digits --tune` ({time.strftime('%Y-%m-%d')}): a "
-            f"log grid of {args.tune_points} points inside each range below",
-            "(paper Table 8 for sgd/rmsprop/adam/ekfac; ours for emsa and dgnopt-*), each "
-            f"point trained on seeds 0..{args.tune_seeds - 1} for {epochs} epochs",
-            "(max_steps " f"{args.max_steps or 'unlimited'}), selected by the mean final-epoch "
-            "VALIDATION accuracy (tie-break: mean of the last 3 epochs),",
-            "never the test set. [tuning.<opt>] records each grid and its scores.",
-        ])
+        write_lr_file(args.lr_file, tuned, LR_FILE_HEADER)
         log(f"[tune] wrote {args.lr_file}")
+        if args.tune_only:
+            return 0
     try:
         lrs = read_lr_file(args.lr_file)
     except (OSError, ValueError) as err:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import statistics
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,6 +104,7 @@ class TuneResult:
     points: list[GridPoint]
     seeds: list[int]
     epochs: int
+    max_steps: int = 0
 
 
 def validation_scores(summary: Mapping[str, Any]) -> tuple[float, float]:
@@ -124,7 +126,7 @@ def validation_scores(summary: Mapping[str, Any]) -> tuple[float, float]:
 
 
 def tune_lr(label: str, grid: Sequence[float], seeds: Sequence[int], run_fn: RunFn,
-            epochs: int, log: Callable[[str], None] = print) -> TuneResult:
+            epochs: int, log: Callable[[str], None] = print, max_steps: int = 0) -> TuneResult:
     """Train every ``lr`` of ``grid`` on every seed and pick the best by validation score.
 
     Args:
@@ -134,6 +136,7 @@ def tune_lr(label: str, grid: Sequence[float], seeds: Sequence[int], run_fn: Run
             the seed).
         run_fn: ``run_fn(lr, seed) -> summary`` trains once.
         epochs: epochs per run (recorded only).
+        max_steps: step limit per run, 0 = none (recorded only).
         log: progress sink.
 
     Raises:
@@ -161,7 +164,7 @@ def tune_lr(label: str, grid: Sequence[float], seeds: Sequence[int], run_fn: Run
     if best.score()[0] == -math.inf:
         raise RuntimeError(f"tuning {label}: every run failed: "
                            + "; ".join(e for p in points for e in p.errors))
-    return TuneResult(label, best.lr, points, list(seeds), epochs)
+    return TuneResult(label, best.lr, points, list(seeds), epochs, max_steps)
 
 
 # --- the learning-rate TOML ----------------------------------------------------------------
@@ -197,6 +200,7 @@ def write_lr_file(path: Path, results: Sequence[TuneResult], header: Sequence[st
     ``[tuning.<label>]`` records; ``header`` comment lines (without ``#``) replace the old
     header and should say how the values were obtained.
     """
+    date = time.strftime("%Y-%m-%d")
     old: dict[str, Any] = _read_toml(path) if path.is_file() else {}
     lrs: dict[str, float] = dict(old.get("lr", {}))
     records: dict[str, dict[str, Any]] = dict(old.get("tuning", {}))
@@ -212,6 +216,8 @@ def write_lr_file(path: Path, results: Sequence[TuneResult], header: Sequence[st
             "mean_tail_val_acc": [_finite(p.score()[1]) for p in res.points],
             "seeds": list(res.seeds),
             "epochs": res.epochs,
+            "max_steps": res.max_steps,
+            "date": date,
         }
     lines = [f"# {line}".rstrip() for line in header]
     lines += ["", "[lr]"] + [f"{_key(k)} = {_value(v)}" for k, v in lrs.items()]
