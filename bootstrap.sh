@@ -1,8 +1,25 @@
 #!/usr/bin/env bash
 # Create (when missing) and fill the project's virtual environment at .venv.
 # Idempotent: a complete .venv is left as it is. Used by both README commands and CI.
+#   ./bootstrap.sh          the package and its Python dependencies (README command 1)
+#   ./bootstrap.sh --test   also the system pieces the test suite exercises for real
+#                           (README command 2 and CI): see install_test_extras below
 set -euo pipefail
 cd "$(dirname "$0")"
+
+WITH_TEST_EXTRAS=0
+for arg in "$@"; do
+  case "$arg" in
+    --test) WITH_TEST_EXTRAS=1 ;;
+    *) echo "usage: $0 [--test]" >&2; exit 2 ;;
+  esac
+done
+
+# System packages and tools for the test suite (FFCV's native libraries, a local SLURM, ...).
+# Each installer is idempotent and fast when already done.
+install_test_extras() {
+  :
+}
 
 PYTHON="${PYTHON:-python3}"
 VENV=.venv
@@ -11,6 +28,7 @@ STAMP="$VENV/.dgn_dist-installed"
 TORCH_SPEC="${DGN_TORCH_SPEC:-torch==2.14.1 torchvision==0.29.1}"
 
 if [ -f "$STAMP" ] && [ "$STAMP" -nt pyproject.toml ]; then
+  if [ "$WITH_TEST_EXTRAS" = 1 ]; then install_test_extras; fi
   exit 0
 fi
 
@@ -31,4 +49,5 @@ fi
 echo "[bootstrap] installing dgn_dist with the dev extra"
 "${PIP[@]}" install -e ".[dev]"
 touch "$STAMP"
+if [ "$WITH_TEST_EXTRAS" = 1 ]; then install_test_extras; fi
 echo "[bootstrap] ready: $VENV"

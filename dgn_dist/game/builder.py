@@ -15,6 +15,9 @@ stages from :mod:`dgn_dist.game.stages`:
   identity shortcut is a dummy player (the carried tensor).
 * :class:`dgn_dist.models.CooperativePair`: one stage, both layers in one output group.
 * torchvision ``ResNet``: its forward as an ordered list (stem, layers, pool, flatten, fc).
+* :class:`dgn_dist.game.fictitious.FictitiousLayer` (eq. 16, from ``split_players``) stands
+  wherever a Linear/Conv2d may: it stays one operation of its stage and contributes its ``N``
+  copies as ``N`` Kronecker players in the output group the layer would have had.
 
 Anything else raises :class:`GameBuildError` naming the module. Parametrised modules are
 referenced, never copied; only parameterless in-place modules get an out-of-place copy.
@@ -30,6 +33,7 @@ from typing import Literal
 from torch import nn
 
 from dgn_dist.game.core import Game, Player, Stage
+from dgn_dist.game.fictitious import FictitiousLayer
 from dgn_dist.game.stages import BranchStage, ChainStage, MergeStage, Op, SumStage, ThroughStage
 from dgn_dist.models.blocks import CooperativePair, ResidualBlock
 
@@ -38,12 +42,14 @@ ALIGNMENTS: tuple[str, ...] = ("first", "second")
 
 KRON_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
 DIAG_LAYERS: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._BatchNorm,)
+#: Modules that make Kronecker players: a layer, or a layer split into fictitious players.
+LAYER_MODULES: tuple[type[nn.Module], ...] = KRON_LAYERS + (FictitiousLayer,)
 
 SUPPORTED = (
     "supported: nn.Sequential (nested), nn.Linear / nn.Conv2d (Kronecker players), BatchNorm "
     "(diagonal players), parameterless modules (activations, pooling, Flatten, Identity), "
     "dgn_dist.models.ResidualBlock, dgn_dist.models.CooperativePair, torchvision ResNet / "
-    "BasicBlock / Bottleneck")
+    "BasicBlock / Bottleneck, FictitiousLayer (split_players)")
 
 
 class GameBuildError(ValueError):
@@ -113,12 +119,21 @@ def _expand(name: str, module: nn.Module) -> list[Op]:
     return [(name, module)]
 
 
+def _layer_players(name: str, module: nn.Module, group: int) -> list[Player]:
+    """The Kronecker players of a layer: itself, or its fictitious copies (eq. 16), all in
+    ``group`` since the copies add into the layer's one output (Fig. 3a)."""
+    if isinstance(module, FictitiousLayer):
+        return [Player(_join(name, f"players.{i}"), layer, "kron", group)
+                for i, layer in enumerate(module.players)]
+    return [Player(name, module, "kron", group)]
+
+
 def _classify(ops: Sequence[Op], group: int) -> list[Player]:
     """Players among a block's inner modules; parameterless ones are plain operations."""
     players = []
     for name, module in ops:
-        if isinstance(module, KRON_LAYERS):
-            players.append(Player(name, module, "kron", group))
+        if isinstance(module, LAYER_MODULES):
+            players += _layer_players(name, module, group)
         elif isinstance(module, DIAG_LAYERS):
             players.append(Player(name, module, "diag", group))
         elif _has_params(module):
@@ -135,7 +150,7 @@ def _inner(name: str, module: nn.Module | None) -> list[Op]:
         return []
     ops = _expand(name, module)
     for op_name, op in ops:
-        if not isinstance(op, KRON_LAYERS + DIAG_LAYERS) and _has_params(op):
+        if not isinstance(op, LAYER_MODULES + DIAG_LAYERS) and _has_params(op):
             raise _unplaceable(op_name, op, "parametrised module of an unsupported type")
     return ops
 
@@ -252,13 +267,13 @@ def build_game(model: nn.Module, alignment: Alignment = "second") -> Game:
             drafts.append(_Draft("sum", _display(name), players,
                                  {"pre": pre, "post": [], **branches}, tail_part="post"))
             pre = []
-        elif isinstance(module, KRON_LAYERS):
-            drafts.append(_Draft("chain", name, [Player(name, module, "kron", 0)],
+        elif isinstance(module, LAYER_MODULES):
+            drafts.append(_Draft("chain", name, _layer_players(name, module, 0),
                                  {"ops": pre + [(name, module)]}, tail_part="ops"))
             pre = []
         elif isinstance(module, DIAG_LAYERS):
             follows_layer = (last is not None and last.kind == "chain"
-                             and isinstance(last.parts["ops"][-1][1], KRON_LAYERS))
+                             and isinstance(last.parts["ops"][-1][1], LAYER_MODULES))
             if follows_layer and last is not None:
                 last.players.append(Player(name, module, "diag", 0))
                 last.add_tail((name, module))

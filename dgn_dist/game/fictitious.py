@@ -193,41 +193,26 @@ def collapse_players(model: nn.Module) -> nn.Module:
 def collapsed_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """The state dict of :func:`collapse_players` ``(model)`` without copying the model.
 
-    Keys ``<layer>.players.<i>.<param>`` become ``<layer>.<param>`` (the players' sum);
-    every other entry is kept. Values are detached tensors (fresh ones for summed
-    parameters), so the dict can be saved and loaded with ``torch.load(weights_only=True)``
-    into the plain model.
+    Keys ``<layer>.players.<i>.<param>`` become ``<layer>.<param>`` (the players' sum, in
+    the place of player 0's entry); every other entry is kept, in order. Values are detached
+    tensors (fresh ones for summed parameters), ready for ``torch.save`` and a
+    ``torch.load(weights_only=True)`` into the plain model.
     """
-    state = model.state_dict(keep_vars=False)
-    fictitious = [(name, m) for name, m in model.named_modules() if isinstance(m, FictitiousLayer)]
-    out: dict[str, Tensor] = {}
-    summed: dict[str, Tensor] = {}
-    owned: set[str] = set()
-    for name, layer in fictitious:
+    renamed: dict[str, tuple[str, Tensor]] = {}  # player-0 key -> (collapsed key, sum)
+    dropped: set[str] = set()
+    for name, layer in model.named_modules():
+        if not isinstance(layer, FictitiousLayer):
+            continue
         prefix = f"{name}." if name else ""
         for pname, _ in layer.players[0].named_parameters(recurse=False):
-            summed[prefix + pname] = _tree_sum(
-                [getattr(p, pname).detach() for p in layer.players]).clone()
-        owned |= {f"{prefix}players.{key}" for key in layer.players.state_dict()}
-    for key, value in state.items():
-        if key not in owned:
+            total = _tree_sum([getattr(p, pname).detach() for p in layer.players]).clone()
+            renamed[f"{prefix}players.0.{pname}"] = (prefix + pname, total)
+        dropped |= {f"{prefix}players.{key}" for key in layer.players.state_dict()}
+    out: dict[str, Tensor] = {}
+    for key, value in model.state_dict().items():
+        if key in renamed:
+            new_key, total = renamed[key]
+            out[new_key] = total
+        elif key not in dropped:
             out[key] = value
-    out.update(summed)
-    order = {key: i for i, key in enumerate(collapse_players_keys(state, fictitious))}
-    return dict(sorted(out.items(), key=lambda kv: order.get(kv[0], len(order))))
-
-
-def collapse_players_keys(state: dict[str, Tensor],
-                          fictitious: list[tuple[str, FictitiousLayer]]) -> list[str]:
-    """State-dict keys in the order the collapsed model lists them."""
-    keys: list[str] = []
-    for key in state:
-        for name, _ in fictitious:
-            prefix = f"{name}.players." if name else "players."
-            if key.startswith(prefix):
-                rest = key[len(prefix):].split(".", 1)
-                key = (f"{name}.{rest[1]}" if name else rest[1]) if len(rest) == 2 else key
-                break
-        if key not in keys:
-            keys.append(key)
-    return keys
+    return out
