@@ -37,6 +37,17 @@ def _check_int(name: str, value: object, low: int) -> int:
     return value
 
 
+def _check_float(name: str, value: object, *, positive: bool, hint: str) -> float:
+    bound = "> 0" if positive else ">= 0"
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number) or number < 0.0 or (positive and number == 0.0):
+        raise ValueError(f"{name} must be a finite number {bound} ({hint}); got {value!r}")
+    return number
+
+
 def _arm_names(num_arms: int, arms: Sequence[str] | None) -> tuple[str, ...]:
     if arms is None:
         return tuple(str(m) for m in range(num_arms))
@@ -73,7 +84,8 @@ class _Strategy:
             cumulative += p
             if u < cumulative:
                 return arm
-        return max(range(len(probs)), key=lambda m: (probs[m] > 0.0, m))  # u ~ 1 - rounding
+        # u fell above the rounded total: the last arm with positive probability.
+        return max(m for m, p in enumerate(probs) if p > 0.0)
 
     def arm_name(self, arm: int) -> str:
         """The name of arm ``arm`` (e.g. the alignment ``"second"``)."""
@@ -209,13 +221,8 @@ class Exp3PlusPlus(_Strategy):
     def __init__(self, num_arms: int, seed: int = 0, c: float = 18.0, beta: float = 0.5,
                  arms: Sequence[str] | None = None) -> None:
         super().__init__(num_arms, seed, arms)
-        if not (math.isfinite(float(c)) and float(c) >= 0.0):
-            raise ValueError(f"c must be a finite number >= 0 (SS14 use 18); got {c!r}")
-        if not (math.isfinite(float(beta)) and float(beta) > 0.0):
-            raise ValueError(f"beta must be a finite number > 0 (the paper uses 0.5); got "
-                             f"{beta!r}")
-        self.c = float(c)
-        self.beta = float(beta)
+        self.c = _check_float("c", c, positive=False, hint="SS14 use 18")
+        self.beta = _check_float("beta", beta, positive=True, hint="the paper uses 0.5")
         self.cum_loss = [0.0] * self.num_arms  # L_k(m)
         self.pulls = [0] * self.num_arms
 
