@@ -100,6 +100,9 @@ class CurvatureConfig:
     ema_decay: float = doc(0.95, "Exponential moving average decay of the Kronecker factors.")
     factor_interval: int = doc(1, "Update the Kronecker factors every N steps.")
     inverse_interval: int = doc(20, "Recompute inverses / eigenbases every N steps.")
+    rescale: bool = doc(True, "dgnopt with kfac/ekfac: scale a block's curvature up where its "
+                        "quadratic model lies below the batch Gauss-Newton model along its "
+                        "step (keeps k, K and V_xx consistent; no effect where exact).")
     vxx: Literal["empirical", "sampled", "exact"] = doc(
         "empirical", "dgnopt: terminal V_xx factors (DESIGN.md section 3).")
     rank: int = doc(1, "dgnopt: rank r of the per-sample V_xx factors (sampled: r samples; "

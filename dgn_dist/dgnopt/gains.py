@@ -68,6 +68,7 @@ class StageSolver:
         self.name = stage.name
         self.views = [PlayerView(p) for p in stage.players if p.parameters()]
         self.curvature = curvature
+        self.zero_cross = zero_cross
         self.blocks: list[Block] = self._build_blocks(info, curvature, zero_cross, coop_iters,
                                                       coop_tol)
 
@@ -137,12 +138,42 @@ class StageSolver:
 
     # -- solves ------------------------------------------------------------------------
     def solve(self, rhs: Sequence[Tensor]) -> list[Tensor]:
-        """``Q_θθ⁻¹ rhs`` for native-form right-hand sides (one per player, any leading dims)."""
+        """``Q_θθ⁻¹ rhs`` for native-form right-hand sides (one per player, any leading dims).
+
+        Each player's solution is divided by its consistency scale (:meth:`set_scales`)."""
         native = dict(enumerate(rhs))
         out: Native = {}
         for blk in self.blocks:
             out.update(blk.solve(native))
-        return [out[n] for n in range(len(self.views))]
+        scales = self.scales
+        return [out[n] / scales[n].to(out[n].dtype) if scales else out[n]
+                for n in range(len(self.views))]
+
+    # -- consistency rescaling (dgn_dist.dgnopt.sweep.rescale_gains) ----------------------
+    @property
+    def scales(self) -> list[Tensor]:
+        """Per-player curvature scales of this step (empty = unscaled)."""
+        return getattr(self, "_scales", [])
+
+    def reset_scales(self) -> None:
+        self._scales: list[Tensor] = []
+
+    def set_scales(self, scales: Sequence[Tensor]) -> None:
+        self._scales = list(scales)
+
+    def rescale_units(self) -> list[tuple[list[int], float]]:
+        """Groups of players that share one curvature scale, with their damping.
+
+        A coupled block (``gr``) is one unit; with the cross blocks zeroed, or under
+        ``fne``/``olne``, every player is its own unit, so Theorem 6 (gr with ``P_uv = 0``
+        ≡ fne) holds with rescaling too."""
+        units: list[tuple[list[int], float]] = []
+        for blk in self.blocks:
+            if self.zero_cross or len(blk.members) == 1:
+                units.extend(([n], blk.damping) for n in blk.members)
+            else:
+                units.append((list(blk.members), blk.damping))
+        return units
 
     def gram(self, batch: StageBatch) -> Tensor:
         """Per-sample Gram blocks ``Γ_b = [<ψ_{b,i}, Q_θθ⁻¹ ψ_{b,j}>]_{ij}``, ``[B, r, r]``."""

@@ -52,7 +52,7 @@ def check_options(*, lr: float, info: str, curvature: str, vxx: str, rank: int,
                   damping: float, ema_decay: float, factor_interval: int,
                   inverse_interval: int, weight_decay: float, feedback_scale: float,
                   alignment: str, coop_iters: int = 20, coop_tol: float = 1e-8,
-                  stats_every: int = 0) -> None:
+                  stats_every: int = 0, rescale: bool = True) -> None:
     """Validate DGNOpt hyper-parameters; raises ``ValueError`` stating the constraint."""
     def need(ok: bool, msg: str) -> None:
         if not ok:
@@ -105,6 +105,9 @@ class DGNOpt(Optimizer):
         coop_iters: conjugate-gradient iterations of two-group cooperative solves.
         coop_tol: their relative tolerance.
         stats_every: record statistics on every N-th step (0 = never).
+        rescale: with ``kfac``/``ekfac`` curvature, scale each block's curvature up where its
+            quadratic model lies below the batch Gauss-Newton model along its step
+            (:func:`dgn_dist.dgnopt.sweep.rescale_gains`); no effect where it is exact.
     """
 
     def __init__(self, model: nn.Module, *, lr: float = 0.1, info: str = "fne",
@@ -114,12 +117,13 @@ class DGNOpt(Optimizer):
                  feedback_scale: float = 1.0, alignment: str = "second",
                  game: Game | None = None, zero_cross: bool = False,
                  zero_feedback: bool = False, coop_iters: int = 20, coop_tol: float = 1e-8,
-                 stats_every: int = 0) -> None:
+                 stats_every: int = 0, rescale: bool = True) -> None:
         check_options(lr=lr, info=info, curvature=curvature, vxx=vxx, rank=rank,
                       damping=damping, ema_decay=ema_decay, factor_interval=factor_interval,
                       inverse_interval=inverse_interval, weight_decay=weight_decay,
                       feedback_scale=feedback_scale, alignment=alignment,
-                      coop_iters=coop_iters, coop_tol=coop_tol, stats_every=stats_every)
+                      coop_iters=coop_iters, coop_tol=coop_tol, stats_every=stats_every,
+                      rescale=rescale)
         self.game = game if game is not None else build_game(model, alignment)  # type: ignore[arg-type]
         params = [p for p in model.parameters() if p.requires_grad]
         owned = {id(p) for _, pl in self.game.players() for p in pl.parameters()}
@@ -135,6 +139,7 @@ class DGNOpt(Optimizer):
         self.factor_interval, self.inverse_interval = factor_interval, inverse_interval
         self.zero_feedback = zero_feedback
         self.stats_every = stats_every
+        self.rescale = rescale and curvature in ("kfac", "ekfac")
         self.solvers = [StageSolver(s, info, curvature, zero_cross=zero_cross,
                                     coop_iters=coop_iters, coop_tol=coop_tol)
                         for s in self.game.stages]
@@ -215,7 +220,8 @@ class DGNOpt(Optimizer):
                             weight_decay=float(group["weight_decay"]),
                             damping=float(group["damping"]), decay=self.ema_decay,
                             update_factors=step % self.factor_interval == 0,
-                            refresh=step % self.inverse_interval == 0, record=record)
+                            refresh=step % self.inverse_interval == 0, record=record,
+                            rescale=self.rescale)
         stages = list(self.game.stages)
         with torch.no_grad():
             states = self.game.trajectory(x)

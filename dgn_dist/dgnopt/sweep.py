@@ -52,6 +52,8 @@ class SweepOptions:
         update_factors: fold this step's statistics in (``factor_interval``).
         refresh: recompute eigenbases (``inverse_interval``).
         record: keep statistics for :mod:`dgn_dist.dgnopt.stats`.
+        rescale: scale each curvature block up where its quadratic model lies below the
+            batch Gauss-Newton model along its own step (:func:`rescale_gains`).
     """
 
     feedback: bool
@@ -62,6 +64,7 @@ class SweepOptions:
     update_factors: bool
     refresh: bool
     record: bool = False
+    rescale: bool = False
 
 
 @dataclass
@@ -124,7 +127,11 @@ def sweep_stage(stage: Stage, solver: StageSolver, x_t: State, vx_next: State,
         w = _factor_pass(stage, views, x_t, u_next, batch, tap, need_value)
     solver.update(batch, decay=opts.decay, update_factors=opts.update_factors,
                   refresh=opts.refresh, damping=opts.damping, weight_decay=opts.weight_decay)
+    solver.reset_scales()
     k = solver.solve(q_theta)
+    jk_scaled: State | None = None
+    if opts.rescale and u_next is not None and views:
+        k, jk_scaled = rescale_gains(stage, solver, x_t, q_theta, k, u_next)
     stats: dict[str, Tensor] = {}
     if opts.record:
         ratio = solver.cross_ratio()
@@ -134,8 +141,12 @@ def sweep_stage(stage: Stage, solver: StageSolver, x_t: State, vx_next: State,
     if need_value and opts.feedback:
         assert u_next is not None
         directions = [d for v, kn in zip(views, k, strict=False) for d in v.from_native(kn)]
-        jk = jvp_params(stage, params, x_t, directions) if params else \
-            tuple(torch.zeros_like(o) for o in out)
+        if jk_scaled is not None:
+            jk = jk_scaled
+        elif params:
+            jk = jvp_params(stage, params, x_t, directions)
+        else:
+            jk = tuple(torch.zeros_like(o) for o in out)
         corr = contract_factors(u_next, jk)  # Q_xθ k before the pull-back
         vx_t = tuple(g.detach() for g in
                      vjp(out, tuple(v - c for v, c in zip(vx_next, corr, strict=False)), xs))
@@ -146,6 +157,55 @@ def sweep_stage(stage: Stage, solver: StageSolver, x_t: State, vx_next: State,
     elif need_value and opts.use_factors:
         u_t = w
     return StageSolution(k=k, u_next=u_next, stats=stats), vx_t, u_t
+
+
+def rescale_gains(stage: Stage, solver: StageSolver, x_t: State, q_theta: list[Tensor],
+                  k: list[Tensor], u_next: State) -> tuple[list[Tensor], State]:
+    """Keep each block's quadratic model at or above the batch Gauss-Newton model.
+
+    A Kronecker (or EMA) curvature can lie far below the batch's Gauss-Newton curvature
+    along the directions the batch's gradients span (at small batches, ``A ⊗ G`` spreads the
+    mass of ``Σ_b ψ_b ψ_bᵀ`` over ``B²`` cross terms). Then ``k`` overshoots, the Gram blocks
+    ``Γ_b`` exceed ``I`` and ``Q_x − Q_xθ k`` flips the co-state. For each block with step
+    ``k`` we compare the model's curvature along ``k``, ``kᵀ Q_θθ k = Q_θᵀ k``, with the batch
+    model's, ``Σ_{b,i} <u_{b,i}, (J_θ k)_b>² + (λ + wd) ‖k‖²`` (one JVP), and multiply the
+    block's curvature by ``s = max(1, batch / model)`` -- the exact-quadratic-model step
+    length of K-FAC (Martens & Grosse 2015, §6.4) applied as a curvature scale, so that
+    ``k``, ``K`` and ``Γ`` stay consistent. Where the curvature is the exact Gauss-Newton
+    matrix of the propagated factors, ``s = 1`` (both sides are equal).
+
+    Returns:
+        The rescaled gains and ``J_θ k`` for them (reused by the ``V_x`` update).
+    """
+    views = solver.views
+    params = [p for v in views for p in v.params]
+    scales: list[Tensor] = [torch.ones((), dtype=torch.float64)] * len(views)
+    jk_total: list[Tensor] | None = None
+    for members, damping in solver.rescale_units():
+        directions = [d for n, v in enumerate(views) for d in
+                      (v.from_native(k[n]) if n in members else
+                       [torch.zeros_like(p) for p in v.params])]
+        jk = jvp_params(stage, params, x_t, directions)
+        coef = sum(torch.einsum("bi...,b...->bi", u, j) for u, j in
+                   zip(u_next, jk, strict=False))
+        assert isinstance(coef, Tensor)
+        batch_quad = (coef.to(torch.float64) ** 2).sum() + damping * sum(
+            (k[n].to(torch.float64) ** 2).sum() for n in members)
+        model_quad = sum((q_theta[n].to(torch.float64) * k[n].to(torch.float64)).sum()
+                         for n in members)
+        assert isinstance(model_quad, Tensor)
+        ok = bool(model_quad > 0) and bool(torch.isfinite(batch_quad))
+        scale = (batch_quad / model_quad).clamp_min(1.0) if ok else \
+            torch.ones((), dtype=torch.float64, device=coef.device)
+        scaled = [j / scale.to(j.dtype) for j in jk]
+        jk_total = scaled if jk_total is None else [a + b for a, b in
+                                                     zip(jk_total, scaled, strict=True)]
+        for n in members:
+            scales[n] = scale
+            k[n] = k[n] / scale.to(k[n].dtype)
+    solver.set_scales(scales)
+    assert jk_total is not None
+    return k, tuple(jk_total)
 
 
 def _factor_pass(stage: Stage, views: list[PlayerView], x_t: State, u_next: State,
