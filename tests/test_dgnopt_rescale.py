@@ -1,7 +1,7 @@
 """Consistency rescaling of Kronecker curvature (dgn_dist.dgnopt.sweep.rescale_gains).
 
-At batch 8, below the layer widths, the Kronecker model ``A ⊗ G`` lies below the batch Gauss-Newton model along the
-step it proposes; rescaling makes the two agree along the step, and changes nothing where
+At batch 8, below the layer widths, the Kronecker model ``A ⊗ G`` lies below the batch
+Gauss-Newton model along the step it proposes; rescaling makes the two agree along the step, and changes nothing where
 the curvature is exact (the oracle tests run with rescaling on).
 """
 

@@ -10,7 +10,8 @@ matrix it represents (damping included):
 * :class:`KronBlock`      ``Q = A ⊗ G + λ I`` (``ekfac``: eigenvalue corrected) for one
   Linear/Conv2d player, or for several players adding into ONE output (same output group):
   the joint-input factorisation ``E[x xᵀ] ⊗ E[g gᵀ]`` with ``x`` the concatenated input rows;
-* :class:`~dgn_dist.dgnopt.coop.CoopPairBlock` (in ``coop.py``) two such groups writing SEPARATE outputs (eq. 27):
+* :class:`~dgn_dist.dgnopt.coop.CoopPairBlock` (in ``coop.py``) two such groups writing
+  SEPARATE outputs (eq. 27):
   ``Q = [[P_uu, A_uv ⊗ B_uv], [A_vu ⊗ B_vu, P_vv]]``, solved with the Schur form of eq. 11
   (``l = P_vv⁻¹ P_v``, ``k̃_u = P̃_uu⁻¹ (P_u − P_uv l)``), ``P̃_uu`` inverted by conjugate
   gradients preconditioned with Prop. 5's ``(Ã_uu ⊗ B̃_uu + λ)⁻¹`` (eq. 14), then
