@@ -179,8 +179,14 @@ def train(cfg: Config, on_step: StepHook | None = None) -> dict[str, Any]:
             input problems (missing files, settings the model or optimizer rejects).
     """
     from dgn_dist.data import build_data
+    from dgn_dist.game.training import (
+        EXPORT_NAME,
+        build_training_optimizer,
+        export_model,
+        game_scalars,
+        prepare_model,
+    )
     from dgn_dist.models import build_model
-    from dgn_dist.optim import build_optimizer
 
     if not cfg.run.dir:
         raise ValueError("cfg.run.dir is empty; set run.dir (dgn-train fills in a default)")
@@ -195,7 +201,8 @@ def train(cfg: Config, on_step: StepHook | None = None) -> dict[str, Any]:
     data = build_data(cfg.data, cfg.run.seed)
     try:  # these raise ValueError for settings the config types cannot rule out
         model = build_model(cfg.model, data.input_shape, data.num_classes).to(device)
-        optimizer = build_optimizer(cfg, model)
+        model = prepare_model(cfg, model)  # fictitious players (eq. 16), game.players_per_layer
+        optimizer = build_training_optimizer(cfg, model, data.val)  # + §5.2 game options
     except ValueError as err:
         raise ConfigError(str(err)) from err
     milestones = cfg.optim.milestones if cfg.optim.lr_schedule == "multistep" else []
@@ -303,6 +310,7 @@ def train(cfg: Config, on_step: StepHook | None = None) -> dict[str, Any]:
                                        prog.step)
                         bar.set_postfix_str(f"loss {window.loss():.4f}")
                         window.reset()
+                        writer.scalars(game_scalars(optimizer), prog.step)  # bandit/*
                     curv = cfg.logging.curvature_every
                     if curv and prog.step % curv == 0:
                         writer.scalars(curvature_scalars(optimizer), prog.step)
@@ -343,6 +351,8 @@ def train(cfg: Config, on_step: StepHook | None = None) -> dict[str, Any]:
     if saved_at != prog.step:
         save()
     writer.close()
+    if main:  # the plain model's state dict (fictitious players collapsed, eq. 16)
+        export_model(model, run_dir / EXPORT_NAME)
     train_loss: float | None
     train_acc: float | None
     if epoch_stats.seen:

@@ -54,7 +54,13 @@ class DataConfig:
     synthetic_classes: int = doc(10, "synthetic: number of classes.")
     synthetic_train_size: int = doc(2048, "synthetic: number of training images.")
     synthetic_test_size: int = doc(512, "synthetic: number of test images.")
-    loader: Literal["torch"] = doc("torch", "Data loader implementation.")
+    loader: Literal["torch", "ffcv"] = doc(
+        "torch", "Data loader: torch (in-memory tensors, torch DataLoader) or ffcv (.beton "
+        "files written by `dgn-data write-beton`; cifar10/cifar100/svhn/synthetic; needs the "
+        "ffcv extra, see README). With ffcv, num_workers is FFCV's thread count (0 = all cores).")
+    beton_train: str = doc("", "ffcv: training .beton; empty = <data.root>/ffcv/<dataset>_train"
+                           ".beton. The validation split (val_fraction) is carved from it.")
+    beton_test: str = doc("", "ffcv: test .beton; empty = <data.root>/ffcv/<dataset>_test.beton.")
 
 
 @dataclass
@@ -64,6 +70,10 @@ class ModelConfig:
     activation: Literal["auto", "tanh", "relu"] = doc(
         "auto", "Activation; auto = the paper's choice for the model (tanh for digits_resnet).")
     width: int = doc(0, "Feature maps per conv (0 = the paper's value for the model).")
+    shortcut: Literal["identity", "conv"] = doc(
+        "identity", "digits_resnet/mnist_resnet/svhn_resnet: identity shortcuts (App. E.1, "
+        "Table 2) or a 1x1-conv shortcut in every residual block (Fig. 2's shortcut module: "
+        "its player makes the alignment of Fig. 8a change the game, Table 4).")
 
 
 @dataclass
@@ -120,6 +130,17 @@ class GameConfig:
     players_per_layer: int = doc(1, "Fictitious players per layer (eq. 16).")
     feedback_scale: float = doc(1.0, "Multiplies the feedback K dx in the update pass "
                                 "(0 turns the feedback off).")
+    alignment_strategy: Literal["fixed", "random", "adaptive"] = doc(
+        "fixed", "dgnopt: the alignment of each step (Alg. 2, Table 4): fixed = game.alignment "
+        "always; random = uniform per step; adaptive = EXP3++ bandit (Alg. 3) rewarded with "
+        "the accuracy on a held-out validation batch after the step.")
+    reward_batch_size: int = doc(128, "random/adaptive alignment: validation images per "
+                                 "bandit reward (Alg. 2); batches cycle through data.val.")
+    ablation: Literal["none", "sgd", "rmsprop", "adam", "ekfac"] = doc(
+        "none", "dgnopt: the Fig. 6 ablation (DESIGN.md 2.3): the named baseline's "
+        "preconditioner as the parameter curvature (sgd: I; rmsprop: optim.alpha/eps; adam: "
+        "optim.betas/eps; ekfac: [curvature]) with the closed loop of game.info (fne/gr keep "
+        "Q_theta_x; olne reproduces the baseline); overrides curvature.kind.")
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dgn_dist.config.schema import DataConfig
 from dgn_dist.data.common import DataBundle, DataError
 from dgn_dist.data.digits import build_digits
+from dgn_dist.data.ffcv import BetonBundle, build_ffcv_data
 from dgn_dist.data.synthetic import build_synthetic
 
 #: Names accepted by :func:`build_data` (the choices of ``DataConfig.dataset``).
@@ -24,8 +25,9 @@ def resolve_augment(cfg: DataConfig) -> bool:
     return cfg.augment == "crop_flip"
 
 
-def build_data(cfg: DataConfig, seed: int) -> DataBundle:
-    """Build train / val / test splits of ``cfg.dataset``.
+def build_data(cfg: DataConfig, seed: int) -> DataBundle | BetonBundle:
+    """Build train / val / test splits of ``cfg.dataset`` (from ``.beton`` files when
+    ``cfg.loader == "ffcv"``, see :mod:`dgn_dist.data.ffcv`).
 
     Args:
         cfg: the data config.
@@ -43,6 +45,8 @@ def build_data(cfg: DataConfig, seed: int) -> DataBundle:
     if cfg.dataset == "digits" and not 0.0 < cfg.test_fraction < 1.0:
         raise DataError(f"data.test_fraction must be in (0, 1), got {cfg.test_fraction}")
     augment = resolve_augment(cfg)
+    if cfg.loader == "ffcv":
+        return build_ffcv_data(cfg, seed, augment)
     if cfg.dataset == "digits":
         bundle = build_digits(cfg, seed)
     elif cfg.dataset == "synthetic":

@@ -15,10 +15,10 @@ from dgn_dist.dgnopt.optimizer import DGNOpt, check_options
 if TYPE_CHECKING:
     from dgn_dist.config.schema import Config
 
-__all__ = ["DGNOpt", "build_dgnopt", "check_config"]
+__all__ = ["DGNOpt", "build_dgnopt", "check_config", "dgnopt_kwargs"]
 
 
-def _kwargs(cfg: Config) -> dict[str, object]:
+def dgnopt_kwargs(cfg: Config) -> dict[str, object]:
     return {
         "lr": cfg.optim.lr, "info": cfg.game.info, "curvature": cfg.curvature.kind,
         "vxx": cfg.curvature.vxx, "rank": cfg.curvature.rank, "damping": cfg.curvature.damping,
@@ -32,9 +32,9 @@ def _kwargs(cfg: Config) -> dict[str, object]:
 
 def check_config(cfg: Config) -> None:
     """Validate the DGNOpt settings of ``cfg`` before anything is built (``ValueError``)."""
-    check_options(**_kwargs(cfg))  # type: ignore[arg-type]
+    check_options(**dgnopt_kwargs(cfg))  # type: ignore[arg-type]
 
 
 def build_dgnopt(cfg: Config, model: nn.Module) -> DGNOpt:
     """DGNOpt for ``model`` from ``cfg.optim``, ``cfg.curvature``, ``cfg.game``, ``cfg.logging``."""
-    return DGNOpt(model, **_kwargs(cfg))  # type: ignore[arg-type]
+    return DGNOpt(model, **dgnopt_kwargs(cfg))  # type: ignore[arg-type]

@@ -105,6 +105,11 @@ class Block:
     def solve(self, rhs: Native) -> Native:
         raise TypeError(f"{type(self).__name__} must implement solve")
 
+    def open_rhs(self, q_theta: Native) -> Native:
+        """The right-hand side of the open gain ``k`` for this block's members: ``Q_θ``
+        itself (a baseline block may substitute e.g. Adam's first moment)."""
+        return {n: q_theta[n] for n in self.members}
+
     def state(self) -> dict[str, Tensor]:
         return {}
 

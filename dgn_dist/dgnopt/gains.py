@@ -22,6 +22,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor
 
+from dgn_dist.dgnopt.baselines import DiagRule
 from dgn_dist.dgnopt.blocks import (
     Block,
     GNDiagBlock,
@@ -32,6 +33,7 @@ from dgn_dist.dgnopt.blocks import (
     StageBatch,
 )
 from dgn_dist.dgnopt.coop import CoopPairBlock
+from dgn_dist.dgnopt.extended import extended_identity_blocks
 from dgn_dist.dgnopt.players import PlayerView
 from dgn_dist.game.core import Stage
 
@@ -55,10 +57,16 @@ class StageSolver:
         zero_cross: ``gr`` with the cross blocks zeroed (Theorem 6, first bullet).
         coop_iters: conjugate-gradient iterations of a two-group cooperative solve.
         coop_tol: relative residual at which those iterations stop.
+        diag_rule: ``curvature="diag"`` with a baseline's preconditioner (RMSprop, Adam;
+            :mod:`dgn_dist.dgnopt.baselines`) instead of the EMA rule of eq. 13.
+        game_extended: ``curvature="identity"`` under ``gr`` keeps the Gauss-Newton cross
+            blocks between fictitious copies of one layer (game-extended SGD,
+            :mod:`dgn_dist.dgnopt.extended`).
     """
 
     def __init__(self, stage: Stage, info: str, curvature: str, *, zero_cross: bool = False,
-                 coop_iters: int = 20, coop_tol: float = 1e-8) -> None:
+                 coop_iters: int = 20, coop_tol: float = 1e-8, diag_rule: DiagRule | None = None,
+                 game_extended: bool = False) -> None:
         if info not in INFOS:
             raise ValueError(f"info must be one of {', '.join(INFOS)}; got {info!r}")
         if curvature not in CURVATURES:
@@ -69,18 +77,24 @@ class StageSolver:
         self.views = [PlayerView(p) for p in stage.players if p.parameters()]
         self.curvature = curvature
         self.zero_cross = zero_cross
+        self.diag_rule = diag_rule
+        self.game_extended = game_extended and info == "gr" and curvature == "identity" \
+            and not zero_cross
         self.blocks: list[Block] = self._build_blocks(info, curvature, zero_cross, coop_iters,
                                                       coop_tol)
 
     def _build_blocks(self, info: str, curvature: str, zero_cross: bool, iters: int,
                       tol: float) -> list[Block]:
+        if self.game_extended:
+            return extended_identity_blocks(self.stage, self.views)
         blocks: list[Block] = []
         kron_groups: dict[int, list[int]] = {}
         for n, view in enumerate(self.views):
             if curvature == "identity":
                 blocks.append(IdentityBlock([n], [view]))
             elif curvature == "diag":
-                blocks.append(RmsDiagBlock(n, view))
+                rule = self.diag_rule
+                blocks.append(RmsDiagBlock(n, view) if rule is None else rule.block(n, view))
             elif not view.kron:
                 blocks.append(GNDiagBlock(n, view))
             elif info == "gr":
@@ -103,7 +117,7 @@ class StageSolver:
     # -- statistics --------------------------------------------------------------------
     def needs_factors(self) -> bool:
         """True when the curvature itself needs the ``V_xx`` factors pulled back (``g``)."""
-        return self.curvature in ("kfac", "ekfac") and bool(self.views)
+        return (self.curvature in ("kfac", "ekfac") or self.game_extended) and bool(self.views)
 
     def update(self, batch: StageBatch, *, decay: float, update_factors: bool, refresh: bool,
                damping: float, weight_decay: float) -> None:
@@ -137,6 +151,15 @@ class StageSolver:
             yield {n: batch.psi(self.views[n], n, start, stop) for n in members}
 
     # -- solves ------------------------------------------------------------------------
+    def open_rhs(self, q_theta: Sequence[Tensor]) -> list[Tensor]:
+        """The right-hand sides of the open gain ``k``: ``Q_θ``, or what a baseline block
+        puts in its place (Adam's first moment, :mod:`dgn_dist.dgnopt.baselines`)."""
+        native = dict(enumerate(q_theta))
+        out: Native = {}
+        for blk in self.blocks:
+            out.update(blk.open_rhs(native))
+        return [out.get(n, q) for n, q in enumerate(q_theta)]
+
     def solve(self, rhs: Sequence[Tensor]) -> list[Tensor]:
         """``Q_θθ⁻¹ rhs`` for native-form right-hand sides (one per player, any leading dims).
 

@@ -30,12 +30,15 @@ change it like the learning rate.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from dgn_dist.dgnopt.alignment import AlignmentHook, check_alignments
+from dgn_dist.dgnopt.baselines import DiagRule
 from dgn_dist.dgnopt.capture import frozen_batchnorm
 from dgn_dist.dgnopt.gains import CURVATURES, INFOS, StageSolver
 from dgn_dist.dgnopt.stats import tag, to_floats, value_stats
@@ -46,6 +49,8 @@ from dgn_dist.game import ALIGNMENTS, Game, build_game
 
 #: Damping is multiplied by this factor when a step is skipped as non-finite.
 DAMPING_BUMP = 10.0
+#: Prefixes of the solver state kept in ``state`` (one alignment / several alignments).
+_STATE_PREFIXES = ("dgn.", "dgn@")
 
 
 def check_options(*, lr: float, info: str, curvature: str, vxx: str, rank: int,
@@ -108,6 +113,17 @@ class DGNOpt(Optimizer):
         rescale: with ``kfac``/``ekfac`` curvature, scale each block's curvature up where its
             quadratic model lies below the batch Gauss-Newton model along its step
             (:func:`dgn_dist.dgnopt.sweep.rescale_gains`); no effect where it is exact.
+        alignments: build one game (with its own curvature solvers and state) per listed
+            alignment; :meth:`set_alignment` picks the game of the next step (Alg. 2).
+            ``None``: just ``alignment``. ``alignment`` is the one active first.
+        game_extended: ``info="gr"``, ``curvature="identity"``: keep the Gauss-Newton cross
+            blocks between fictitious copies of a layer (game-extended SGD, §5.2).
+        diag_rule: ``curvature="diag"`` with a baseline's rule (RMSprop, Adam; Fig. 6).
+
+    Attributes:
+        alignment_hook: ``None`` or an :class:`AlignmentHook` called around every step
+            (before: choose the alignment; after: e.g. a bandit reward); saved in
+            :meth:`state_dict`.
     """
 
     def __init__(self, model: nn.Module, *, lr: float = 0.1, info: str = "fne",
@@ -117,20 +133,29 @@ class DGNOpt(Optimizer):
                  feedback_scale: float = 1.0, alignment: str = "second",
                  game: Game | None = None, zero_cross: bool = False,
                  zero_feedback: bool = False, coop_iters: int = 20, coop_tol: float = 1e-8,
-                 stats_every: int = 0, rescale: bool = True) -> None:
+                 stats_every: int = 0, rescale: bool = True,
+                 alignments: Sequence[str] | None = None, game_extended: bool = False,
+                 diag_rule: DiagRule | None = None) -> None:
         check_options(lr=lr, info=info, curvature=curvature, vxx=vxx, rank=rank,
                       damping=damping, ema_decay=ema_decay, factor_interval=factor_interval,
                       inverse_interval=inverse_interval, weight_decay=weight_decay,
                       feedback_scale=feedback_scale, alignment=alignment,
                       coop_iters=coop_iters, coop_tol=coop_tol, stats_every=stats_every,
                       rescale=rescale)
-        self.game = game if game is not None else build_game(model, alignment)  # type: ignore[arg-type]
+        names = check_alignments(alignment, alignments, game)
+        self.games: dict[str, Game] = {
+            a: game if game is not None else build_game(model, a)  # type: ignore[arg-type]
+            for a in names}
+        self.game = self.games[alignment]
         params = [p for p in model.parameters() if p.requires_grad]
-        owned = {id(p) for _, pl in self.game.players() for p in pl.parameters()}
-        missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in owned]
-        if missing:
-            raise ValueError(f"parameters {missing} belong to no player of the game; DGNOpt "
-                             "updates players only (freeze them or fix the game)")
+        for a, g in self.games.items():
+            owned = {id(p) for _, pl in g.players() for p in pl.parameters()}
+            missing = [n for n, p in model.named_parameters()
+                       if p.requires_grad and id(p) not in owned]
+            if missing:
+                raise ValueError(f"parameters {missing} belong to no player of the game "
+                                 f"(alignment {a!r}); DGNOpt updates players only (freeze them "
+                                 "or fix the game)")
         defaults = {"lr": lr, "damping": damping, "weight_decay": weight_decay,
                     "feedback_scale": feedback_scale, "dgn_step": 0, "skipped": 0}
         super().__init__(params, defaults)
@@ -140,9 +165,14 @@ class DGNOpt(Optimizer):
         self.zero_feedback = zero_feedback
         self.stats_every = stats_every
         self.rescale = rescale and curvature in ("kfac", "ekfac")
-        self.solvers = [StageSolver(s, info, curvature, zero_cross=zero_cross,
-                                    coop_iters=coop_iters, coop_tol=coop_tol)
-                        for s in self.game.stages]
+        self.game_extended = game_extended and info == "gr" and curvature == "identity"
+        self.solver_sets: dict[str, list[StageSolver]] = {
+            a: [StageSolver(s, info, curvature, zero_cross=zero_cross, coop_iters=coop_iters,
+                            coop_tol=coop_tol, diag_rule=diag_rule, game_extended=game_extended)
+                for s in g.stages] for a, g in self.games.items()}
+        self._alignment = alignment
+        self.solvers = self.solver_sets[alignment]
+        self.alignment_hook: AlignmentHook | None = None
         self._recorded: dict[str, Tensor] = {}
         #: Set to True to keep the last sweep's V_x^t, U^t, k per stage in ``last_sweep``
         #: (tests and debugging; holds the tensors until the next step).
@@ -173,6 +203,30 @@ class DGNOpt(Optimizer):
             h.remove()
         self._handles = []
 
+    # -- alignments (Alg. 2) ------------------------------------------------------------
+    @property
+    def alignment(self) -> str:
+        """The alignment whose game the next step uses."""
+        return self._alignment
+
+    @property
+    def alignments(self) -> tuple[str, ...]:
+        """The alignments this optimizer holds a game for."""
+        return tuple(self.games)
+
+    def set_alignment(self, name: str) -> None:
+        """Use the game of alignment ``name`` (and its curvature state) from the next step.
+
+        Raises:
+            ValueError: no game was built for ``name`` (pass it in ``alignments``).
+        """
+        if name not in self.games:
+            raise ValueError(f"alignment must be one of {', '.join(self.games)} (the "
+                             f"alignments this DGNOpt was built with); got {name!r}")
+        self._alignment = name
+        self.game = self.games[name]
+        self.solvers = self.solver_sets[name]
+
     # -- step --------------------------------------------------------------------------
     @property
     def feedback(self) -> bool:
@@ -196,13 +250,17 @@ class DGNOpt(Optimizer):
         if not bool(torch.isfinite(v_x).all() & torch.isfinite(logits).all()):
             self._skip("non-finite loss gradient")
             return loss
+        hook = self.alignment_hook
+        if hook is not None:
+            hook.before_step(self)
         try:
             with torch.enable_grad(), frozen_batchnorm(self.game):
                 self._iterate(x, logits, v_x, group)
+            group["dgn_step"] += 1
         except NonFiniteUpdate as err:
             self._skip(str(err))
-            return loss
-        group["dgn_step"] += 1
+        if hook is not None:
+            hook.after_step(self)
         return loss
 
     def _skip(self, reason: str) -> None:
@@ -215,7 +273,7 @@ class DGNOpt(Optimizer):
     def _iterate(self, x: Tensor, logits: Tensor, v_x: Tensor, group: dict[str, Any]) -> None:
         step = int(group["dgn_step"])
         record = self.stats_every > 0 and (step + 1) % self.stats_every == 0
-        use_factors = self.curvature in ("kfac", "ekfac") or self.feedback
+        use_factors = self.curvature in ("kfac", "ekfac") or self.game_extended or self.feedback
         opts = SweepOptions(feedback=self.feedback, use_factors=use_factors,
                             weight_decay=float(group["weight_decay"]),
                             damping=float(group["damping"]), decay=self.ema_decay,
@@ -298,25 +356,40 @@ class DGNOpt(Optimizer):
         return out
 
     # -- checkpoints -------------------------------------------------------------------
-    def _anchors(self) -> list[Tensor | None]:
-        return [s.views[0].params[0] if s.views else None for s in self.solvers]
+    def _anchored(self) -> Iterator[tuple[str, StageSolver, Tensor]]:
+        """``(key prefix, solver, anchor parameter)`` of every solver of every alignment:
+        a solver's tensors live in its first parameter's ``state`` slot under the prefix
+        (``dgn.`` with one alignment, ``dgn@<alignment>.`` with several)."""
+        multi = len(self.solver_sets) > 1
+        for a, solvers in self.solver_sets.items():
+            for solver in solvers:
+                if solver.views:
+                    yield (f"dgn@{a}." if multi else "dgn."), solver, solver.views[0].params[0]
 
     def state_dict(self) -> dict[str, Any]:
         """The usual optimizer state with every curvature tensor in ``state`` (tensors and
-        primitives only; ``torch.load(weights_only=True)`` restores it)."""
-        for solver, anchor in zip(self.solvers, self._anchors(), strict=False):
-            if anchor is None:
-                continue
-            slot = self.state[anchor]
-            for key in [k for k in slot if k.startswith("dgn.")]:
+        primitives only; ``torch.load(weights_only=True)`` restores it), plus
+        ``dgn_alignment``: the active alignment and the alignment hook's state."""
+        for slot in self.state.values():
+            for key in [k for k in slot if k.startswith(_STATE_PREFIXES)]:
                 del slot[key]
-            slot.update({f"dgn.{k}": v for k, v in solver.state().items()})
-        return super().state_dict()
+        for prefix, solver, anchor in self._anchored():
+            self.state[anchor].update({prefix + k: v for k, v in solver.state().items()})
+        out = super().state_dict()
+        hook = self.alignment_hook
+        out["dgn_alignment"] = {"active": self._alignment,
+                                "hook": None if hook is None else hook.state_dict()}
+        return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        for solver, anchor in zip(self.solvers, self._anchors(), strict=False):
-            if anchor is None:
-                continue
+        extra = state_dict.get("dgn_alignment")
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != "dgn_alignment"})
+        for prefix, solver, anchor in self._anchored():
             slot = self.state.get(anchor, {})
-            solver.load_state({k[4:]: v for k, v in slot.items() if k.startswith("dgn.")})
+            solver.load_state({k[len(prefix):]: v for k, v in slot.items()
+                               if k.startswith(prefix)})
+        if extra is not None:
+            self.set_alignment(extra["active"])
+            if self.alignment_hook is not None and extra.get("hook") is not None:
+                self.alignment_hook.load_state_dict(extra["hook"])
+

@@ -128,7 +128,7 @@ def sweep_stage(stage: Stage, solver: StageSolver, x_t: State, vx_next: State,
     solver.update(batch, decay=opts.decay, update_factors=opts.update_factors,
                   refresh=opts.refresh, damping=opts.damping, weight_decay=opts.weight_decay)
     solver.reset_scales()
-    k = solver.solve(q_theta)
+    k = solver.solve(solver.open_rhs(q_theta))
     jk_scaled: State | None = None
     if opts.rescale and u_next is not None and views:
         k, jk_scaled = rescale_gains(stage, solver, x_t, q_theta, k, u_next)

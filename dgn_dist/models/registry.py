@@ -12,6 +12,7 @@ from dgn_dist.config.schema import ModelConfig
 from dgn_dist.models import small
 from dgn_dist.models.blocks import ActivationFactory
 from dgn_dist.models.resnet import resnet18
+from dgn_dist.models.shortcut import conv_shortcuts
 
 Builder = Callable[[tuple[int, int, int], int, ActivationFactory, int], nn.Module]
 
@@ -95,5 +96,11 @@ def build_model(cfg: ModelConfig, input_shape: tuple[int, int, int],
                          f" width {spec.width}); leave model.activation = auto and "
                          f"model.width = 0")
     width = cfg.width or spec.width
-    return spec.builder((shape[0], shape[1], shape[2]), num_classes,
-                        _ACTIVATIONS[activation], width)
+    model = spec.builder((shape[0], shape[1], shape[2]), num_classes,
+                         _ACTIVATIONS[activation], width)
+    shortcut = cfg.shortcut
+    if shortcut == "conv":
+        model = conv_shortcuts(model)
+    elif shortcut != "identity":
+        raise ValueError(f"model.shortcut '{shortcut}' is unknown; valid choices: identity, conv")
+    return model
