@@ -280,6 +280,7 @@ def _launch(tmp_path: Path, argv: list[str], env: dict[str, str],
     return proc.returncode, results, proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_torchrun_starts_two_gloo_ranks(tmp_path: Path) -> None:
     rc, results, text = _launch(tmp_path, [
         f"{BIN}/torchrun", "--nproc_per_node", "2", "--master_port", str(free_port())], {})
@@ -291,12 +292,16 @@ ACCEL = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_
          "no", "--dynamo_backend", "no"]
 
 
+@pytest.mark.slow
 def test_accelerate_launch_cpu(tmp_path: Path) -> None:
-    argv = [f"{BIN}/accelerate", "launch", *ACCEL, "--main_process_port", str(free_port())]
-    rc, results, text = _launch(tmp_path, argv, {"ACCELERATE_USE_CPU": "true"})
+    port = ["--main_process_port", str(free_port())]
+    config = str(Path(__file__).resolve().parent.parent / "launch" / "accelerate_cpu.yaml")
+    rc, results, text = _launch(tmp_path, [f"{BIN}/accelerate", "launch", "--config_file",
+                                           config, *port], {"ACCELERATE_USE_CPU": "true"})
     assert rc == 0, text
     assert [r[:5] for r in results] == [[0, 2, "accelerate", "gloo", 3.0],
                                         [1, 2, "accelerate", "gloo", 3.0]]
+    argv = [f"{BIN}/accelerate", "launch", *ACCEL, *port]
     rc, results, text = _launch(tmp_path, argv, {})  # the pitfall: fail, say what to set
     assert rc != 0 and not results
     assert text.count("SETUP-ERROR") == 2 and "ACCELERATE_USE_CPU=true" in text
@@ -311,3 +316,41 @@ def test_deepspeed_launcher_cpu(tmp_path: Path) -> None:
     assert results == [[0, 2, "deepspeed", "gloo", 3.0, ["--local_rank=0"]],
                        [1, 2, "deepspeed", "gloo", 3.0, ["--local_rank=1"]]]
     assert "shm_comm" not in text and not (tmp_path / "ext").exists()  # no JIT build
+
+
+# --- launch files ---------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_launch_train_drops_deepspeed_local_rank() -> None:
+    out = subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), "--local_rank=1",
+                          "--print-config", "run.epochs=3", "--local_rank", "0"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "epochs = 3" in out.stdout
+
+
+def test_accelerate_yaml_files_load() -> None:
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cpu = load_config_from_file(str(ROOT / "launch" / "accelerate_cpu.yaml"))
+    gpu = load_config_from_file(str(ROOT / "launch" / "accelerate_multigpu.yaml"))
+    # MULTI_GPU is accelerate's only local multi-process launcher (MULTI_CPU needs mpirun).
+    assert (str(cpu.distributed_type), cpu.num_processes, cpu.mixed_precision) == (
+        "DistributedType.MULTI_GPU", 2, "no")
+    assert (str(gpu.distributed_type), gpu.mixed_precision, gpu.use_cpu) == (
+        "DistributedType.MULTI_GPU", "bf16", False)
+
+
+@pytest.mark.parametrize(("name", "stage", "bf16"), [
+    ("zero0", 0, False), ("zero1", 1, False), ("bf16_zero1", 1, True)])
+def test_deepspeed_json_configs_validate(name: str, stage: int, bf16: bool) -> None:
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    raw = json.loads((ROOT / "configs" / "deepspeed" / f"{name}.json").read_text())
+    raw["train_micro_batch_size_per_gpu"] = 64  # the trainer fills the batch size in
+    cfg = DeepSpeedConfig(raw)  # pydantic: unknown keys raise
+    assert cfg.zero_optimization_stage == stage
+    assert cfg.bfloat16_config.enabled is bf16
+    assert cfg.gradient_clipping == 1.0 and cfg.zero_allow_untested_optimizer
