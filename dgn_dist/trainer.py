@@ -118,7 +118,14 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> tupl
 
 
 def _loader(dataset: Dataset, batch_size: int, cfg: Config, device: torch.device,
-            seed: int, sampler: ResumableSampler | None = None) -> DataLoader:
+            seed: int, sampler: ResumableSampler | None = None) -> Any:
+    if cfg.data.loader == "ffcv":  # order from (run.seed, epoch); sharded across ranks
+        from dgn_dist.data.ffcv import ffcv_loader
+
+        return ffcv_loader(dataset, batch_size, device, seed=cfg.run.seed,
+                           num_workers=cfg.data.num_workers,
+                           epoch=None if sampler is None else sampler.epoch,
+                           start=0 if sampler is None else sampler.start)
     # An explicit generator keeps DataLoader from drawing its worker seed from the global RNG.
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False,
                       num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",

@@ -1,7 +1,8 @@
 """Data sets of the paper (App. E.1) as in-memory tensor datasets: ``build_data(cfg, seed)``.
 
 ``digits`` ships with scikit-learn; ``mnist``, ``svhn``, ``cifar10``, ``cifar100`` are read
-from ``data.root`` in torchvision's layout (:mod:`.vision`); ``synthetic`` is generated.
+from ``data.root`` in torchvision's layout (:mod:`.vision`); ``synthetic`` is generated. With
+``data.loader = "ffcv"`` the splits come from ``.beton`` files instead (:mod:`.ffcv`).
 """
 
 from dgn_dist.data.common import (
@@ -12,7 +13,9 @@ from dgn_dist.data.common import (
     random_crop_flip,
     stratified_split,
 )
+from dgn_dist.data.ffcv import BetonBundle, BetonSplit
 from dgn_dist.data.registry import DATASET_NAMES, build_data, resolve_augment
 
-__all__ = ["DATASET_NAMES", "DataBundle", "DataError", "ImageTensorDataset", "build_data",
-           "channel_stats", "random_crop_flip", "resolve_augment", "stratified_split"]
+__all__ = ["DATASET_NAMES", "BetonBundle", "BetonSplit", "DataBundle", "DataError",
+           "ImageTensorDataset", "build_data", "channel_stats", "random_crop_flip",
+           "resolve_augment", "stratified_split"]

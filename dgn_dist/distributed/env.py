@@ -272,7 +272,7 @@ def init_distributed(backend: str = "auto", device: str = "auto",
     else:
         dist.init_process_group(backend=be, init_method="env://", rank=launch.rank,
                                 world_size=launch.world_size, timeout=timeout,
-                                **({"device_id": dev} if dev.type == "cuda" else {}))
+                                device_id=dev if dev.type == "cuda" else None)
     _CONTEXT = DistContext(launch.rank, launch.world_size, launch.local_rank, dev, be,
                            launch.launcher, launch.rank == 0)
     return _CONTEXT

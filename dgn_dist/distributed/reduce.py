@@ -240,6 +240,9 @@ def broadcast_assigned(results: Mapping[str, Sequence[Tensor]], assignment: Gree
         if counter is not None:
             counter.add(category, flat.numel() * flat.element_size())
         work = dist.broadcast(flat, src=block_ranks[slot], group=group, async_op=True)
+        if work is None:  # this rank is not in ``group``
+            raise ValueError(f"rank {dist.get_rank()} is not in the broadcast group "
+                             f"{list(block_ranks)}; pass the group new_block_groups returned")
         pending.append((work, flat, tensors, src_dp == dp_rank))
     for work, flat, tensors, is_src in pending:
         work.wait()
