@@ -18,7 +18,31 @@ done
 # System packages and tools for the test suite (FFCV's native libraries, a local SLURM, ...).
 # Each installer is idempotent and fast when already done.
 install_test_extras() {
-  :
+  # FFCV (tests/test_ffcv.py): Debian's pkg-config, OpenCV and turbojpeg (~840 MB, once; the
+  # compiled ffcv needs them at run time too), then the ffcv extra without build isolation.
+  local ffcv_debs=(pkg-config libopencv-dev libturbojpeg0-dev) apt_log
+  if ! "$VENV/bin/python" -c "import ffcv.loader" >/dev/null 2>&1; then
+    if dpkg -s "${ffcv_debs[@]}" >/dev/null 2>&1; then
+      :
+    elif [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+      echo "[bootstrap] skipping ffcv: installing ${ffcv_debs[*]} needs root and apt-get" \
+           "(tests/test_ffcv.py will be skipped)"
+    else
+      echo "[bootstrap] installing ${ffcv_debs[*]} with apt-get (for ffcv; once)"
+      apt_log="$(mktemp)"
+      if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+               --no-install-recommends "${ffcv_debs[@]}"; } >"$apt_log" 2>&1; then
+        tail -n 20 "$apt_log" >&2
+        echo "[bootstrap] skipping ffcv: apt-get failed (log above)"
+      fi
+      rm -f "$apt_log"
+    fi
+    if dpkg -s "${ffcv_debs[@]}" >/dev/null 2>&1; then
+      echo "[bootstrap] installing the ffcv extra"
+      "$VENV/bin/python" -m pip --disable-pip-version-check --no-input -q install \
+        --no-build-isolation -e ".[ffcv]"
+    fi
+  fi
 }
 
 PYTHON="${PYTHON:-python3}"

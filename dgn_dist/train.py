@@ -14,6 +14,7 @@ typo costs a fraction of a second. Exit status:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -79,6 +80,7 @@ def _run(cfg: Config, print_game: bool) -> int:
             return 0
         from dgn_dist.trainer import train
 
+        _print_tensorboard(cfg)
         summary = train(cfg)
     except (DataError, CheckpointError, ConfigError, DeviceError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -91,7 +93,16 @@ def _run(cfg: Config, print_game: bool) -> int:
           + (f", val acc {val:.2f}%" if val is not None else "")
           + f", {summary['steps']} steps in {summary['wall_time_s']:.1f}s; "
           f"run dir {summary['run_dir']}", flush=True)
+    _print_tensorboard(cfg)
     return 0
+
+
+def _print_tensorboard(cfg: Config) -> None:
+    """The line that opens the run's TensorBoard dashboard (rank 0, TensorBoard on)."""
+    if cfg.logging.tensorboard and os.environ.get("RANK", "0") == "0":
+        from dgn_dist.dashboard import tensorboard_command
+
+        print(f"tensorboard: {tensorboard_command(cfg.run.dir)}", flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

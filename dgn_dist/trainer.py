@@ -44,6 +44,7 @@ from dgn_dist.checkpoint import (
     scheduler_state,
 )
 from dgn_dist.config import Config, ConfigError, dump_toml
+from dgn_dist.dashboard import DashboardWriter
 from dgn_dist.device import configure_determinism, is_main_process, resolve_device, seed_everything
 from dgn_dist.metrics import (
     MetricsWriter,
@@ -227,6 +228,8 @@ def train(cfg: Config, on_step: StepHook | None = None) -> dict[str, Any]:
         atomic_write_bytes(run_dir / "config.toml", lambda h: h.write(dump_toml(cfg).encode()))
     writer = MetricsWriter(run_dir / "tb", cfg.logging.tensorboard,
                            purge_step=prog.step + 1 if cfg.run.resume else None)
+    dashboard = DashboardWriter(run_dir / "tb", writer.enabled, expect_groups=bool(
+        cfg.logging.curvature_every) and callable(getattr(optimizer, "curvature_stats", None)))
     sampler = ResumableSampler(len(data.train), cfg.run.seed)
     steps_per_epoch = math.ceil(len(data.train) / cfg.data.batch_size)
     test_loader = _loader(data.test, cfg.data.eval_batch_size, cfg, device, seed=0)
@@ -317,10 +320,14 @@ def train(cfg: Config, on_step: StepHook | None = None) -> dict[str, Any]:
                                        prog.step)
                         bar.set_postfix_str(f"loss {window.loss():.4f}")
                         window.reset()
-                        writer.scalars(game_scalars(optimizer), prog.step)  # bandit/*
+                        bandit = game_scalars(optimizer)
+                        writer.scalars(bandit, prog.step)  # bandit/*
+                        dashboard.observe(bandit)  # custom-scalars layout, written once
                     curv = cfg.logging.curvature_every
                     if curv and prog.step % curv == 0:
-                        writer.scalars(curvature_scalars(optimizer), prog.step)
+                        curv_stats = curvature_scalars(optimizer)
+                        writer.scalars(curv_stats, prog.step)
+                        dashboard.observe(curv_stats)
                     every = cfg.checkpoint.every_steps
                     if every and prog.step % every == 0:
                         save()
@@ -357,6 +364,7 @@ def train(cfg: Config, on_step: StepHook | None = None) -> dict[str, Any]:
         test_acc, val_acc = run_eval()
     if saved_at != prog.step:
         save()
+    dashboard.write()  # runs that never reported per-player statistics
     writer.close()
     if main:  # the plain model's state dict (fictitious players collapsed, eq. 16)
         export_model(model, run_dir / EXPORT_NAME)

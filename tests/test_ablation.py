@@ -89,18 +89,23 @@ def test_lifted_baseline_without_feedback_is_the_baseline(name: str) -> None:
     assert _max_diff(model, net) > 1e-3  # the runs moved
 
 
-def test_lifted_ekfac_without_feedback_is_ekfac() -> None:
+@pytest.mark.parametrize("kl_clip", [0.0, 1e-3])
+def test_lifted_ekfac_without_feedback_is_ekfac(kl_clip: float) -> None:
     net = _net()
     ref_model = copy.deepcopy(net)
-    _train(ref_model, EKFAC(ref_model, lr=0.1, damping=0.1, ema_decay=0.9, inverse_interval=2,
-                            kl_clip=0.0))
+    ekfac = EKFAC(ref_model, lr=0.1, damping=0.1, ema_decay=0.9, inverse_interval=2,
+                  kl_clip=kl_clip)
+    _train(ref_model, ekfac)
     model = copy.deepcopy(net)
     opt = build_training_optimizer(_cfg("ekfac", "olne", "optim.lr=0.1", "optim.weight_decay=0",
                                         "curvature.damping=0.1", "curvature.ema_decay=0.9",
-                                        "curvature.inverse_interval=2"), model)
+                                        "curvature.inverse_interval=2",
+                                        f"optim.ekfac_kl_clip={kl_clip}"), model)
     assert isinstance(opt, DGNOpt) and opt.curvature == "ekfac"
     _train(model, opt)
     _assert_same(model, ref_model)
+    assert opt.last_kl_scale == pytest.approx(ekfac.last_kl_scale, rel=1e-10)
+    assert (ekfac.last_kl_scale < 1.0) == (kl_clip > 0)  # the clipping acts when on
 
 
 @pytest.mark.parametrize("name", [*BASELINES, "ekfac"])

@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from dgn_dist.data.beton import FFCV_DATASETS, default_beton_path, read_meta, write_beton
 from dgn_dist.data.common import DataError, channel_stats
-from dgn_dist.data.ffcv import FFCV_DATASETS, default_beton_path, read_meta, write_beton
 
 #: Quantisation of the (unit-variance) synthetic images to uint8: ``128 + SCALE * x``.
 SYNTHETIC_U8_SCALE = 48.0

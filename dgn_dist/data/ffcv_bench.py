@@ -95,9 +95,10 @@ def _train_time(make: BenchLoader, train_images: int) -> float:
 
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     """Run the benchmark (see the module docstring) and return the figures."""
+    from dgn_dist.data.beton import read_meta, write_beton
     from dgn_dist.data.cli import synthetic_split
     from dgn_dist.data.common import ImageTensorDataset
-    from dgn_dist.data.ffcv import BetonSplit, read_meta, write_beton
+    from dgn_dist.data.ffcv import BetonSplit
 
     n, b, w = args.images, args.batch_size, args.workers
     images, labels = synthetic_split("train", n, 10, seed=0)
@@ -113,9 +114,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 
     def ffcv() -> Iterable[tuple[Tensor, Tensor]]:
         loader = split.loader(b, cpu, train=True, seed=0, num_workers=w)
-        loader.set_epoch(ffcv_epoch[0])
         ffcv_epoch[0] += 1
-        return loader
+        return loader.with_epoch(ffcv_epoch[0])
 
     hwc = images.permute(0, 2, 3, 1).contiguous().numpy()
     tv_data = _TorchvisionStyle(hwc, labels.numpy(), mean, std)

@@ -7,6 +7,8 @@ own step (Theorem 6); with the feedback kept the two runs differ only by ``K δx
 
 * :class:`TorchRmsBlock`: ``Q_θθ = diag(sqrt(v)) + ε`` with ``v ← α v + (1 − α) Q_θ²``,
   ``v_0 = 0`` -- exactly ``torch.optim.RMSprop`` (no momentum, not centred);
+* :func:`kl_clip_scale`: EKFAC's KL clipping of the step length (Ba et al., 2017), part of
+  the best-tuned EKFAC setup that ``game.ablation = "ekfac"`` lifts;
 * :class:`AdamBlock`: ``Q_θθ = diag(sqrt(v̂)) + ε`` with Adam's bias-corrected second moment,
   and the open gain's right-hand side replaced by the bias-corrected first moment ``m̂``
   (Adam's momentum is part of the baseline's step, not of its preconditioner, so it enters
@@ -20,6 +22,7 @@ baseline's rule, not amortised curvature).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +32,18 @@ from dgn_dist.dgnopt.blocks import Block, Native, StageBatch
 from dgn_dist.dgnopt.players import PlayerView
 
 DIAG_RULES: tuple[str, ...] = ("rmsprop", "adam")
+
+
+def kl_clip_scale(k: Sequence[Tensor], q_theta: Sequence[Tensor], clip: float, lr: float,
+                  gain_scale: float) -> float:
+    """``ν = min(1, sqrt(c / ((lr·gain)² Σ ⟨d, Q_θ⟩)))`` with ``d = k / gain`` the
+    preconditioned direction -- :class:`dgn_dist.optim.EKFAC`'s rule for its step
+    ``lr · ν · d``; 1 when the sum is not positive."""
+    total = float(sum((kn.double() * qn.double()).sum() for kn, qn in
+                      zip(k, q_theta, strict=True))) / gain_scale
+    if total <= 0.0:
+        return 1.0
+    return min(1.0, (clip / ((lr * gain_scale) ** 2 * total)) ** 0.5)
 
 
 @dataclass(frozen=True)

@@ -62,11 +62,13 @@ class StageSolver:
         game_extended: ``curvature="identity"`` under ``gr`` keeps the Gauss-Newton cross
             blocks between fictitious copies of one layer (game-extended SGD,
             :mod:`dgn_dist.dgnopt.extended`).
+        gain_scale: ``Q_θθ := Q_θθ / gain_scale``: every solve is multiplied by it (the Fig. 6
+            ablation puts a baseline's learning rate here, so that ``k`` is its step).
     """
 
     def __init__(self, stage: Stage, info: str, curvature: str, *, zero_cross: bool = False,
                  coop_iters: int = 20, coop_tol: float = 1e-8, diag_rule: DiagRule | None = None,
-                 game_extended: bool = False) -> None:
+                 game_extended: bool = False, gain_scale: float = 1.0) -> None:
         if info not in INFOS:
             raise ValueError(f"info must be one of {', '.join(INFOS)}; got {info!r}")
         if curvature not in CURVATURES:
@@ -78,6 +80,9 @@ class StageSolver:
         self.curvature = curvature
         self.zero_cross = zero_cross
         self.diag_rule = diag_rule
+        if not gain_scale > 0:
+            raise ValueError(f"gain_scale must be > 0; got {gain_scale}")
+        self.gain_scale = float(gain_scale)
         self.game_extended = game_extended and info == "gr" and curvature == "identity" \
             and not zero_cross
         self.blocks: list[Block] = self._build_blocks(info, curvature, zero_cross, coop_iters,
@@ -163,14 +168,16 @@ class StageSolver:
     def solve(self, rhs: Sequence[Tensor]) -> list[Tensor]:
         """``Q_θθ⁻¹ rhs`` for native-form right-hand sides (one per player, any leading dims).
 
-        Each player's solution is divided by its consistency scale (:meth:`set_scales`)."""
+        Each player's solution is divided by its consistency scale (:meth:`set_scales`) and
+        multiplied by ``gain_scale``."""
         native = dict(enumerate(rhs))
         out: Native = {}
         for blk in self.blocks:
             out.update(blk.solve(native))
         scales = self.scales
-        return [out[n] / scales[n].to(out[n].dtype) if scales else out[n]
-                for n in range(len(self.views))]
+        sol = [out[n] / scales[n].to(out[n].dtype) if scales else out[n]
+               for n in range(len(self.views))]
+        return sol if self.gain_scale == 1.0 else [x * self.gain_scale for x in sol]
 
     # -- consistency rescaling (dgn_dist.dgnopt.sweep.rescale_gains) ----------------------
     @property

@@ -38,53 +38,20 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from dgn_dist.dgnopt.alignment import AlignmentHook, check_alignments
-from dgn_dist.dgnopt.baselines import DiagRule
+from dgn_dist.dgnopt.baselines import DiagRule, kl_clip_scale
 from dgn_dist.dgnopt.capture import frozen_batchnorm
-from dgn_dist.dgnopt.gains import CURVATURES, INFOS, StageSolver
+from dgn_dist.dgnopt.gains import StageSolver
+from dgn_dist.dgnopt.options import check_options
 from dgn_dist.dgnopt.stats import tag, to_floats, value_stats
 from dgn_dist.dgnopt.sweep import StageSolution, SweepOptions, sweep_stage
-from dgn_dist.dgnopt.terminal import VXX_KINDS, terminal_factors
+from dgn_dist.dgnopt.terminal import terminal_factors
 from dgn_dist.dgnopt.update_pass import NonFiniteUpdate, update_pass
-from dgn_dist.game import ALIGNMENTS, Game, build_game
+from dgn_dist.game import Game, build_game
 
 #: Damping is multiplied by this factor when a step is skipped as non-finite.
 DAMPING_BUMP = 10.0
 #: Prefixes of the solver state kept in ``state`` (one alignment / several alignments).
 _STATE_PREFIXES = ("dgn.", "dgn@")
-
-
-def check_options(*, lr: float, info: str, curvature: str, vxx: str, rank: int,
-                  damping: float, ema_decay: float, factor_interval: int,
-                  inverse_interval: int, weight_decay: float, feedback_scale: float,
-                  alignment: str, coop_iters: int = 20, coop_tol: float = 1e-8,
-                  stats_every: int = 0, rescale: bool = True) -> None:
-    """Validate DGNOpt hyper-parameters; raises ``ValueError`` stating the constraint."""
-    def need(ok: bool, msg: str) -> None:
-        if not ok:
-            raise ValueError(msg)
-
-    need(lr > 0, f"lr must be > 0; got {lr}")
-    need(info in INFOS, f"info must be one of {', '.join(INFOS)}; got {info!r}")
-    need(curvature in CURVATURES,
-         f"curvature must be one of {', '.join(CURVATURES)}; got {curvature!r}")
-    need(vxx in VXX_KINDS, f"vxx must be one of {', '.join(VXX_KINDS)}; got {vxx!r}")
-    need(rank >= 1, f"rank must be >= 1; got {rank}")
-    need(damping >= 0, f"damping must be >= 0; got {damping}")
-    need(curvature == "identity" or damping > 0,
-         f"damping must be > 0 for curvature={curvature!r} (the curvature can be singular)")
-    need(0.0 <= ema_decay < 1.0, f"ema_decay must satisfy 0 <= ema_decay < 1; got {ema_decay}")
-    need(factor_interval >= 1, f"factor_interval must be >= 1; got {factor_interval}")
-    need(inverse_interval >= 1, f"inverse_interval must be >= 1; got {inverse_interval}")
-    need(weight_decay >= 0, f"weight_decay must be >= 0; got {weight_decay}")
-    need(feedback_scale >= 0, f"feedback_scale must be >= 0; got {feedback_scale}")
-    need(alignment in ALIGNMENTS,
-         f"alignment must be one of {', '.join(ALIGNMENTS)}; got {alignment!r}")
-    need(not (info == "gr" and curvature == "diag"),
-         "info='gr' needs a curvature with a cooperative form (identity, kfac or ekfac); "
-         "curvature='diag' has none -- use info='fne' or a Kronecker curvature")
-    need(coop_iters >= 0, f"coop_iters must be >= 0; got {coop_iters}")
-    need(coop_tol >= 0, f"coop_tol must be >= 0; got {coop_tol}")
-    need(stats_every >= 0, f"stats_every must be >= 0; got {stats_every}")
 
 
 class DGNOpt(Optimizer):
@@ -119,6 +86,9 @@ class DGNOpt(Optimizer):
         game_extended: ``info="gr"``, ``curvature="identity"``: keep the Gauss-Newton cross
             blocks between fictitious copies of a layer (game-extended SGD, §5.2).
         diag_rule: ``curvature="diag"`` with a baseline's rule (RMSprop, Adam; Fig. 6).
+        gain_scale: ``Q_θθ := Q_θθ / gain_scale`` (Fig. 6: a baseline's lr, run with lr 1).
+        kl_clip: > 0: scale each step by EKFAC's KL-clipping factor
+            (:func:`dgn_dist.dgnopt.baselines.kl_clip_scale`; Fig. 6 EKFAC).
 
     Attributes:
         alignment_hook: ``None`` or an :class:`AlignmentHook` called around every step
@@ -135,7 +105,8 @@ class DGNOpt(Optimizer):
                  zero_feedback: bool = False, coop_iters: int = 20, coop_tol: float = 1e-8,
                  stats_every: int = 0, rescale: bool = True,
                  alignments: Sequence[str] | None = None, game_extended: bool = False,
-                 diag_rule: DiagRule | None = None) -> None:
+                 diag_rule: DiagRule | None = None, gain_scale: float = 1.0,
+                 kl_clip: float = 0.0) -> None:
         check_options(lr=lr, info=info, curvature=curvature, vxx=vxx, rank=rank,
                       damping=damping, ema_decay=ema_decay, factor_interval=factor_interval,
                       inverse_interval=inverse_interval, weight_decay=weight_decay,
@@ -168,11 +139,16 @@ class DGNOpt(Optimizer):
         self.game_extended = game_extended and info == "gr" and curvature == "identity"
         self.solver_sets: dict[str, list[StageSolver]] = {
             a: [StageSolver(s, info, curvature, zero_cross=zero_cross, coop_iters=coop_iters,
-                            coop_tol=coop_tol, diag_rule=diag_rule, game_extended=game_extended)
+                            coop_tol=coop_tol, diag_rule=diag_rule, game_extended=game_extended,
+                            gain_scale=gain_scale)
                 for s in g.stages] for a, g in self.games.items()}
         self._alignment = alignment
         self.solvers = self.solver_sets[alignment]
         self.alignment_hook: AlignmentHook | None = None
+        if kl_clip < 0:
+            raise ValueError(f"kl_clip must be >= 0 (0 = off); got {kl_clip}")
+        self.gain_scale, self.kl_clip = gain_scale, kl_clip
+        self.last_kl_scale = 1.0
         self._recorded: dict[str, Tensor] = {}
         #: Set to True to keep the last sweep's V_x^t, U^t, k per stage in ``last_sweep``
         #: (tests and debugging; holds the tensors until the next step).
@@ -314,7 +290,13 @@ class DGNOpt(Optimizer):
                 vx_t, u = vx_prev, u_prev
         if self.keep_sweep:
             self.last_sweep = keep
-        rec = update_pass(stages, self.solvers, states, solutions, lr=float(group["lr"]),
+        lr = float(group["lr"])
+        if self.kl_clip > 0:
+            self.last_kl_scale = kl_clip_scale([k for s in solutions for k in s.k],
+                                               [q for s in solutions for q in s.q_theta],
+                                               self.kl_clip, lr, self.gain_scale)
+            lr *= self.last_kl_scale
+        rec = update_pass(stages, self.solvers, states, solutions, lr=lr,
                           feedback_scale=float(group["feedback_scale"]),
                           feedback=self.feedback, record=record)
         if record:

@@ -74,6 +74,7 @@ class StageSolution:
     k: list[Tensor]
     u_next: State | None
     stats: dict[str, Tensor] = field(default_factory=dict)
+    q_theta: list[Tensor] = field(default_factory=list)  # Q_θ per player (KL clipping)
 
 
 def psd_sqrt(m: Tensor) -> tuple[Tensor, Tensor]:
@@ -156,7 +157,7 @@ def sweep_stage(stage: Stage, solver: StageSolver, x_t: State, vx_next: State,
             stats["clipped_frac"] = clipped.to(torch.float64) / (batch.num * batch.rank)
     elif need_value and opts.use_factors:
         u_t = w
-    return StageSolution(k=k, u_next=u_next, stats=stats), vx_t, u_t
+    return StageSolution(k=k, u_next=u_next, stats=stats, q_theta=q_theta), vx_t, u_t
 
 
 def rescale_gains(stage: Stage, solver: StageSolver, x_t: State, q_theta: list[Tensor],

@@ -95,18 +95,28 @@ def export_model(model: nn.Module, path: Path) -> Path:
 
 
 def _ablation_kwargs(cfg: Config) -> dict[str, Any]:
-    """DGNOpt keyword arguments of ``game.ablation`` (module docstring)."""
+    """DGNOpt keyword arguments of ``game.ablation`` (module docstring).
+
+    The baseline's step is ``lr · P⁻¹ Q_θ``; the curvature "implied by the best-tuned setup"
+    (App. E.1) is ``Q_θθ = P / lr``, so DGNOpt runs with ``gain_scale = lr`` and ``lr = 1``:
+    ``k`` is then the baseline's step itself, and ``K = lr P⁻¹ Q_θx`` and
+    ``V_x = Q_x − Q_xθ k`` describe the step actually taken. EKFAC's curvature is used as is
+    (no consistency rescaling: the ablation changes nothing but ``Q_θx``), with its KL
+    clipping of the step length (``optim.ekfac_kl_clip``).
+    """
     from dgn_dist.dgnopt.baselines import DiagRule
 
     o, kind = cfg.optim, cfg.game.ablation
+    out: dict[str, Any] = {"lr": 1.0, "gain_scale": o.lr, "rescale": False}
     if kind == "sgd":
-        return {"curvature": "identity", "game_extended": cfg.game.info == "gr"}
+        return {**out, "curvature": "identity", "game_extended": cfg.game.info == "gr"}
     if kind == "rmsprop":
-        return {"curvature": "diag", "diag_rule": DiagRule("rmsprop", alpha=o.alpha, eps=o.eps)}
+        return {**out, "curvature": "diag",
+                "diag_rule": DiagRule("rmsprop", alpha=o.alpha, eps=o.eps)}
     if kind == "adam":
-        return {"curvature": "diag",
+        return {**out, "curvature": "diag",
                 "diag_rule": DiagRule("adam", betas=(o.betas[0], o.betas[1]), eps=o.eps)}
-    return {"curvature": "ekfac"}
+    return {**out, "curvature": "ekfac", "kl_clip": o.ekfac_kl_clip}
 
 
 def build_training_optimizer(cfg: Config, model: nn.Module,
