@@ -2,7 +2,7 @@
 
 ``tensorboard --logdir <run dir> --host 127.0.0.1`` then shows, under *Custom Scalars*:
 
-* **training** -- ``loss/*``, ``acc/*``, ``lr``;
+* **training** -- ``loss/*`` and ``acc/*``;
 * **all players and stages** -- one chart per statistic with one line per player / stage
   (``curvature/*/A_cond``, ``update/*/feedback_ratio``, ``value/*/Vxx_trace``, ...);
 * **player <name>** -- per player (a layer of the game, eq. 16): curvature eigenvalues,
@@ -10,18 +10,18 @@
   feedback/open ratio (``update/<player>/...``);
 * **stage <name>** -- per stage: the value function at the stage input (``value/<stage>/...``)
   and the cooperative cross ratio (``coop/<stage>/cross_ratio``);
-* **time, communication, bandit** -- ``time/*``, ``comm/*``, ``bandit/*``.
+* **schedule, time, communication, bandit** -- ``lr``, ``time/*``, ``comm/*``, ``bandit/*``.
 
 Charts hold anchored regular expressions, so tags that first appear after the layout was
 written (``comm/*``, ``time/*``) still show. Eigen-spectrum histograms, when the run writes
-them (``curvature/<player>/{A,G}_eig``), are in TensorBoard's *Histograms* tab. The layout is
-written once per run directory, into its own event file (``*.dashboard``), by rank 0.
+them (``curvature/<player>/{A,G}_eig``), are in TensorBoard's *Histograms* tab. Rank 0
+writes the layout once per session, into the run's event file.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -71,10 +71,10 @@ def build_layout(tags: Iterable[str]) -> Layout:
     """
     tags = list(dict.fromkeys(tags))
     layout: Layout = {"training": {
-        "loss": ["Multiline", ["^loss/"]], "accuracy (%)": ["Multiline", ["^acc/"]],
-        "learning rate": ["Multiline", ["^lr$"]]}}
-    per_group = [t for t in tags if len(t.split("/")) == 3
-                 and t.split("/")[0] in PLAYER_NAMESPACES + STAGE_NAMESPACES]
+        "loss": ["Multiline", ["^loss/"]], "accuracy (%)": ["Multiline", ["^acc/"]]}}
+    order = PLAYER_NAMESPACES + STAGE_NAMESPACES
+    per_group = sorted((t for t in tags if len(t.split("/")) == 3 and t.split("/")[0] in order),
+                       key=lambda t: order.index(t.split("/")[0]))  # stable: keeps tag order
     compare: dict[str, list[Any]] = {}
     for tag in per_group:
         ns, _, stat = tag.split("/")
@@ -83,33 +83,37 @@ def build_layout(tags: Iterable[str]) -> Layout:
     if compare:
         layout["all players and stages"] = compare
     for title, namespaces in (("player", PLAYER_NAMESPACES), ("stage", STAGE_NAMESPACES)):
-        for group, members in _grouped(per_group, namespaces).items():
+        groups = list(_grouped(per_group, namespaces).items())
+        if title == "stage":  # DGNOpt records the value functions backward (terminal first)
+            groups.reverse()
+        for group, members in groups:
             layout[f"{title} {group}"] = _group_category(members)
-    layout["time, communication, bandit"] = {
-        "time (s)": ["Multiline", ["^time/"]], "communication": ["Multiline", ["^comm/"]],
+    layout["schedule, time, communication, bandit"] = {
+        "learning rate": ["Multiline", ["^lr$"]], "time (s)": ["Multiline", ["^time/"]],
+        "communication": ["Multiline", ["^comm/"]],
         "bandit arm probabilities": ["Multiline", ["^bandit/.*/prob$"]],
         "bandit reward": ["Multiline", ["^bandit/reward$"]]}
     return layout
 
 
 class DashboardWriter:
-    """Writes the layout of :func:`build_layout` once, early in the run.
+    """Writes the layout of :func:`build_layout` once, early in the run, through the run's
+    own event writer (one event file: TensorBoard's loader reads a run's files in sequence).
 
     Args:
-        log_dir: the TensorBoard folder of the run (``<run dir>/tb``).
+        write: writes a layout, e.g. ``MetricsWriter.custom_scalars``.
         enabled: TensorBoard on and this is rank 0.
         expect_groups: the optimizer reports per-player statistics; the layout waits for
             them (else it is written at the first :meth:`observe`).
     """
 
-    SUFFIX = ".dashboard"
-
-    def __init__(self, log_dir: Path, enabled: bool, expect_groups: bool) -> None:
-        self.log_dir = Path(log_dir)
+    def __init__(self, write: Callable[[Layout], None], enabled: bool,
+                 expect_groups: bool) -> None:
+        self._write = write
         self.enabled = enabled
         self.expect_groups = expect_groups
         self.tags: dict[str, None] = {}
-        self.written = enabled and any(self.log_dir.glob(f"events.out.tfevents.*{self.SUFFIX}"))
+        self.written = False
 
     def observe(self, tags: Iterable[str]) -> None:
         """Note tags being written; write the layout when the per-player ones are known."""
@@ -125,13 +129,7 @@ class DashboardWriter:
         """Write the layout now (no-op once written or when disabled)."""
         if self.written or not self.enabled:
             return
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(log_dir=str(self.log_dir), filename_suffix=self.SUFFIX)
-        try:
-            writer.add_custom_scalars(build_layout(self.tags))
-        finally:
-            writer.close()
+        self._write(build_layout(self.tags))
         self.written = True
 
 

@@ -46,6 +46,11 @@ class MetricsWriter:
             if value is not None and math.isfinite(float(value)):
                 self._writer.add_scalar(tag, float(value), global_step=step)
 
+    def custom_scalars(self, layout: Mapping[str, Any]) -> None:
+        """Write a custom-scalars layout (:mod:`dgn_dist.dashboard`) into the event file."""
+        if self._writer is not None:
+            self._writer.add_custom_scalars(dict(layout))
+
     def flush(self) -> None:
         if self._writer is not None:
             self._writer.flush()

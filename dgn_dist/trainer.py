@@ -228,7 +228,7 @@ def train(cfg: Config, on_step: StepHook | None = None) -> dict[str, Any]:
         atomic_write_bytes(run_dir / "config.toml", lambda h: h.write(dump_toml(cfg).encode()))
     writer = MetricsWriter(run_dir / "tb", cfg.logging.tensorboard,
                            purge_step=prog.step + 1 if cfg.run.resume else None)
-    dashboard = DashboardWriter(run_dir / "tb", writer.enabled, expect_groups=bool(
+    dashboard = DashboardWriter(writer.custom_scalars, writer.enabled, expect_groups=bool(
         cfg.logging.curvature_every) and callable(getattr(optimizer, "curvature_stats", None)))
     sampler = ResumableSampler(len(data.train), cfg.run.seed)
     steps_per_epoch = math.ceil(len(data.train) / cfg.data.batch_size)

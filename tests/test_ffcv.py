@@ -16,10 +16,13 @@ import torch
 
 pytest.importorskip("ffcv.loader", reason="ffcv is not installed: run ./bootstrap.sh --test")
 
+from dist_helper import run_distributed  # noqa: E402
+
 from dgn_dist.config import load_config  # noqa: E402
 from dgn_dist.data import DataError, build_data  # noqa: E402
 from dgn_dist.data.beton import (  # noqa: E402
     BetonMeta,
+    beton_labels,
     file_digest,
     meta_path,
     read_meta,
@@ -33,7 +36,6 @@ from dgn_dist.data.ffcv import (  # noqa: E402
     ffcv_loader,
     image_pipeline,
 )
-from tests.dist_helper import run_distributed  # noqa: E402
 
 N, H, W = 48, 32, 32  # images of the index file; label = index identifies every sample
 MEAN, STD = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
@@ -123,8 +125,14 @@ def test_augmentation_is_crop_with_padding_and_flip(indexed: tuple[Path, torch.T
 def test_epoch_order_and_resume_skip(indexed: tuple[Path, torch.Tensor]) -> None:
     path, _ = indexed
     split = BetonSplit(path, read_meta(path), indices=np.arange(0, N, 2))
-    full = [ffcv_loader(split, 5, CPU, seed=7, num_workers=1, epoch=e) for e in (0, 1)]
-    orders = [_collect(loader)[1].tolist() for loader in full]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:  # FFCV sets torch's thread count to its worker count; the loader restores it
+        full = [ffcv_loader(split, 5, CPU, seed=7, num_workers=1, epoch=e) for e in (0, 1)]
+        orders = [_collect(loader)[1].tolist() for loader in full]
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
     assert sorted(orders[0]) == sorted(orders[1]) == list(range(0, N, 2))
     assert orders[0] != orders[1]  # a new permutation each epoch
     again = _collect(ffcv_loader(split, 5, CPU, seed=7, num_workers=1, epoch=1))[1].tolist()
@@ -212,6 +220,23 @@ def test_missing_corrupt_and_mismatched_files(indexed: tuple[Path, torch.Tensor]
         build_data(cfg.data, 0)
     with pytest.raises(DataError, match="supports data.dataset"):
         build_data(load_config(None, ["data.loader=ffcv"]).data, 0)  # digits
+
+
+def test_write_beton_from_torchvision_cifar_files(tmp_path: Path) -> None:
+    from test_data import make_cifar
+
+    arrays = make_cifar(tmp_path, np.random.default_rng(0), 10)
+    for split in ("train", "test"):
+        out = tmp_path / f"c10_{split}.beton"
+        assert dgn_data(["write-beton", "--dataset", "cifar10", "--split", split, "--root",
+                         str(tmp_path), "--out", str(out), "--workers", "1"]) == 0
+        meta = read_meta(out)
+        assert (meta.dataset, meta.split, meta.num_classes) == ("cifar10", split, 10)
+        assert meta.num_images == len(arrays[f"{split}_y"])
+        assert np.array_equal(beton_labels(out), arrays[f"{split}_y"])
+        train = arrays["train_x"].astype(np.float64) / 255  # both splits: training statistics
+        assert np.allclose(meta.mean, train.mean(axis=(0, 2, 3)), rtol=0, atol=1e-12)
+        assert np.allclose(meta.std, train.std(axis=(0, 2, 3)), rtol=0, atol=1e-12)
 
 
 def test_missing_ffcv_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:

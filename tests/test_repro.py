@@ -197,9 +197,16 @@ def test_committed_configs_match_the_paper_setup() -> None:
     assert (cfg.data.dataset, cfg.data.batch_size, cfg.model.name, cfg.model.activation,
             cfg.model.width, cfg.run.eval_every) == ("digits", 8, "digits_resnet", "tanh", 5, 1)
     lrs = read_lr_file(t2.LR_FILE)
+    assert set(lrs) == set(t2.SPECS)
     for label, lr in lrs.items():
         low, high = LR_RANGES[label]
         assert low <= lr <= high, label
+    # The quickstart's DGNOpt config uses the tuned DGNOpt-FNE setting.
+    quick = load_config(t2.CONFIG_DIR / "digits_dgnopt.toml")
+    assert (quick.optim.name, quick.game.info, quick.optim.lr) == ("dgnopt", "fne",
+                                                                   lrs["dgnopt-fne"])
+    assert t2.DGNOPT_DAMPING == f"curvature.damping={quick.curvature.damping}"
+    assert (quick.data.batch_size, quick.model.name) == (8, "digits_resnet")
 
 
 # --- curves ---------------------------------------------------------------------------------

@@ -149,6 +149,27 @@ class ParallelConfig:
     pp: int = doc(1, "Pipeline-parallel degree (number of stage shards).")
     backend: Literal["auto", "gloo", "nccl"] = doc(
         "auto", "torch.distributed backend; auto = nccl on CUDA, gloo on CPU.")
+    grad_worker_fraction: float = doc(
+        1.0, "Fraction of the dp ranks that compute each player's eigendecompositions "
+        "(KAISA): 1 = every rank computes everything (no broadcast), 1/dp = each player's two "
+        "factors on one rank, chosen greedily by cost n^3, then broadcast. Must be d/dp with d "
+        "dividing dp.")
+    bucket_mb: float = doc(4.0, "All-reduce bucket size in MiB (gradients, Kronecker factors, "
+                           "cross factors are flattened into buckets of this size).")
+    precision: Literal["auto", "fp32", "bf16"] = doc(
+        "auto", "Forward precision: bf16 = torch.autocast(bfloat16) around the model forward "
+        "and loss (curvature and eigendecompositions stay float32); auto = bf16 when the "
+        "launcher asks for it (accelerate --mixed_precision bf16, a DeepSpeed JSON with "
+        "bf16.enabled), else fp32.")
+    grad_clip: float = doc(0.0, "Clip the global gradient norm to this value (0 = off); for "
+                           "dgnopt the norm of Q_theta over all players scales the step. A "
+                           "DeepSpeed JSON's gradient_clipping sets it when this is 0.")
+    deepspeed_config: str = doc(
+        "", "DeepSpeed JSON (configs/deepspeed/*.json) whose precision (bf16/fp16) and "
+        "gradient_clipping the run honours; its ZeRO section is validated but optimizer "
+        "states stay replicated (DGNOpt and the baselines reduce through torch.distributed).")
+    timeout_s: float = doc(600.0, "Collective timeout in seconds: a rank that waits longer "
+                           "(a peer died or hangs) fails instead of hanging.")
 
 
 @dataclass

@@ -10,10 +10,11 @@ every entry point raises :class:`DataError` with install instructions when it is
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,10 +35,24 @@ INSTALL_HINT = (
     "then `pip install --no-build-isolation -e '.[ffcv]'`; or use data.loader=torch")
 
 
+@contextlib.contextmanager
+def keep_torch_threads() -> Iterator[None]:
+    """Restore torch's intra-op thread count afterwards: FFCV's compiler sets it to 1 when
+    ffcv is imported and to the loader's worker count when a loader is built or iterated,
+    which would silently change the model's CPU speed."""
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+
 def require_ffcv() -> None:
     """Import ffcv or raise :class:`DataError` saying how to install it."""
     try:
-        import ffcv.loader  # noqa: F401
+        with keep_torch_threads():
+            import ffcv.loader  # noqa: F401
     except (ImportError, OSError) as err:  # OSError: libopencv / libturbojpeg missing
         raise DataError(f"{INSTALL_HINT} ({type(err).__name__}: {err})") from err
 
@@ -154,20 +169,23 @@ def _recreate_hint(path: Path, dataset: str = "<name>", split: str = "<train|tes
             f"--out {path}`")
 
 
-def read_meta(path: str | Path, verify: bool = True) -> BetonMeta:
+def read_meta(path: str | Path, verify: bool = True, dataset: str = "<name>",
+              split: str = "<train|test>") -> BetonMeta:
     """Check a ``.beton`` and return its side-car metadata.
 
     Args:
         path: the ``.beton`` file.
         verify: compare size and checksum with the side-car and open it with FFCV's reader.
+        dataset: data set expected there (only for the message when the file is missing).
+        split: split expected there (idem).
 
     Raises:
         DataError: the file or its side-car is missing, or either is corrupt / modified.
     """
     path = Path(path).expanduser()
     if not path.is_file():
-        raise DataError(f".beton file {path} not found; {_recreate_hint(path)} (or set "
-                        "data.beton_train / data.beton_test)")
+        raise DataError(f".beton file {path} not found; {_recreate_hint(path, dataset, split)} "
+                        "(or set data.beton_train / data.beton_test)")
     side = meta_path(path)
     if not side.is_file():
         raise DataError(f"{side} (the side-car of {path}) not found; re-create the file with "

@@ -32,6 +32,7 @@ from dgn_dist.data.beton import (
     BetonMeta,
     beton_labels,
     default_beton_path,
+    keep_torch_threads,
     read_meta,
     require_ffcv,
 )
@@ -79,8 +80,8 @@ class _Normalize(torch.nn.Module):
 
     def __init__(self, mean: np.ndarray, std: np.ndarray) -> None:
         super().__init__()
-        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+        self.mean: Tensor = torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std: Tensor = torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.mean.device != x.device:  # moved once, on the first batch
@@ -126,7 +127,8 @@ class EpochLoader:
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         self.loader.next_epoch = self.epoch
-        batches = iter(self.loader)
+        with keep_torch_threads():
+            batches = iter(self.loader)
         return itertools.islice(batches, self.skip, None) if self.skip else batches
 
 
@@ -169,11 +171,12 @@ class BetonSplit(Dataset[tuple[Tensor, Tensor]]):
             pipelines = {
                 "image": image_pipeline(self.meta, self.augment and train, device, normalise),
                 "label": label_pipeline(device)}
-            loader = Loader(str(self.path), batch_size=batch_size, num_workers=num_workers,
-                            order=OrderOption.RANDOM if train else OrderOption.SEQUENTIAL,
-                            distributed=distributed, seed=seed,
-                            indices=None if self.indices is None else self.indices.tolist(),
-                            pipelines=pipelines, drop_last=False)
+            with keep_torch_threads():
+                loader = Loader(str(self.path), batch_size=batch_size, num_workers=num_workers,
+                                order=OrderOption.RANDOM if train else OrderOption.SEQUENTIAL,
+                                distributed=distributed, seed=seed,
+                                indices=None if self.indices is None else self.indices.tolist(),
+                                pipelines=pipelines, drop_last=False)
             self._loaders[key] = EpochLoader(loader)
         return self._loaders[key]
 
@@ -183,11 +186,12 @@ class BetonSplit(Dataset[tuple[Tensor, Tensor]]):
 
         sample = int(index if self.indices is None else self.indices[index])
         cpu = torch.device("cpu")
-        loader = Loader(str(self.path), batch_size=1, num_workers=1,
-                        order=OrderOption.SEQUENTIAL, indices=[sample], drop_last=False,
-                        pipelines={"image": image_pipeline(self.meta, False, cpu),
-                                   "label": label_pipeline(cpu)})
-        x, y = next(iter(loader))
+        with keep_torch_threads():
+            loader = Loader(str(self.path), batch_size=1, num_workers=1,
+                            order=OrderOption.SEQUENTIAL, indices=[sample], drop_last=False,
+                            pipelines={"image": image_pipeline(self.meta, False, cpu),
+                                       "label": label_pipeline(cpu)})
+            x, y = next(iter(loader))
         return x[0].clone(), y[0].clone()
 
 
@@ -220,7 +224,7 @@ def build_ffcv_data(cfg: DataConfig, seed: int, augment: bool) -> BetonBundle:
     paths = {split: Path(given).expanduser() if given else
              default_beton_path(cfg.root, cfg.dataset, split)
              for split, given in (("train", cfg.beton_train), ("test", cfg.beton_test))}
-    metas = {split: read_meta(p) for split, p in paths.items()}
+    metas = {split: read_meta(p, dataset=cfg.dataset, split=split) for split, p in paths.items()}
     for split, meta in metas.items():
         if meta.dataset != cfg.dataset or meta.split != split:
             raise DataError(f"{paths[split]} holds the {meta.split} split of {meta.dataset}, "

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from dgn_dist.dgnopt.players import PlayerView
+from dgn_dist.dgnopt.reduction import Stat
 from dgn_dist.optim.kronecker import KroneckerFactor, Mode, stat_dtype
 
 Native = dict[int, Tensor]
@@ -95,6 +96,21 @@ class Block:
     def update(self, batch: StageBatch, decay: float, update_factors: bool,
                refresh: bool) -> None:
         """Fold this step's statistics in (before any per-sample statistics)."""
+
+    def batch_stats(self, batch: StageBatch, update_factors: bool) -> dict[str, Stat]:
+        """This step's batch statistics that :meth:`update` folds in, for a data-parallel
+        reduction first (:meth:`StageSolver.update`); blocks that accept them take the
+        reduced values as ``update(..., stats=...)``. Empty: nothing to reduce."""
+        del batch, update_factors
+        return {}
+
+    def factors(self) -> list[KroneckerFactor]:
+        """The Kronecker factors whose eigendecompositions this block refreshes."""
+        return []
+
+    def psi_accumulators(self) -> list[Tensor]:
+        """This step's per-sample sums (before :meth:`end_psi_stats`), reduced in place."""
+        return []
 
     def psi_stats(self, psis: Native) -> None:
         """Accumulate per-sample statistics of one chunk (only when ``needs_psi``)."""
@@ -166,6 +182,9 @@ class GNDiagBlock(Block):
         sq = (psis[self.members[0]] ** 2).sum(0)
         self._acc = sq if self._acc is None else self._acc + sq
 
+    def psi_accumulators(self) -> list[Tensor]:
+        return [] if self._acc is None else [self._acc]
+
     def end_psi_stats(self, decay: float) -> None:
         if self._acc is not None:
             self.v = _ema(self.v, self._acc, decay)
@@ -220,17 +239,31 @@ class KronBlock(Block):
         g = torch.stack([x for x in g_list if x is not None]).mean(0)
         return a, g
 
+    def batch_stats(self, batch: StageBatch, update_factors: bool) -> dict[str, Stat]:
+        """``A`` (mean over rows) and ``G`` (sum over rows) of this step, when due."""
+        if not (update_factors or self.factor.A is None):
+            return {}
+        a, g = self.rows(batch)
+        dt = stat_dtype(a.dtype)
+        a_stat = a.to(dt).T @ a.to(dt) / a.shape[0]
+        if self.zero_cross and len(self.widths) > 1:
+            mask = torch.block_diag(*[torch.ones(w, w, dtype=dt, device=a.device)
+                                      for w in self.widths])
+            a_stat = a_stat * mask
+        return {"A": Stat(a_stat, mean=True, symmetric=True),
+                "G": Stat(g.to(dt).T @ g.to(dt), mean=False, symmetric=True)}
+
+    def factors(self) -> list[KroneckerFactor]:
+        return [self.factor]
+
     def update(self, batch: StageBatch, decay: float, update_factors: bool,
-               refresh: bool) -> None:
-        if update_factors or self.factor.A is None:
-            a, g = self.rows(batch)
-            dt = stat_dtype(a.dtype)
-            a_stat = a.to(dt).T @ a.to(dt) / a.shape[0]
-            if self.zero_cross and len(self.widths) > 1:
-                mask = torch.block_diag(*[torch.ones(w, w, dtype=dt, device=a.device)
-                                          for w in self.widths])
-                a_stat = a_stat * mask
-            self.factor.update_stats(a_stat, g.to(dt).T @ g.to(dt), decay)
+               refresh: bool, stats: dict[str, Tensor] | None = None) -> None:
+        """Fold ``stats`` (default: this replica's :meth:`batch_stats`) into the EMA and
+        refresh the eigenbasis on schedule."""
+        if stats is None:
+            stats = {k: s.value for k, s in self.batch_stats(batch, update_factors).items()}
+        if stats:
+            self.factor.update_stats(stats["A"], stats["G"], decay)
         if refresh or not self.factor.has_eigenbasis:
             self.factor.refresh_eigenbasis()
         if not update_factors:
@@ -252,6 +285,9 @@ class KronBlock(Block):
             raise ValueError("ekfac with zero_cross on a joint block is not supported")
         sq = (proj ** 2).sum(0)
         self._acc = sq if self._acc is None else self._acc + sq
+
+    def psi_accumulators(self) -> list[Tensor]:
+        return [] if self._acc is None else [self._acc]
 
     def end_psi_stats(self, decay: float) -> None:
         if self._acc is not None:

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from dgn_dist.dgnopt.blocks import Block, KronBlock, Native, StageBatch, _batch_dot, _ema
+from dgn_dist.dgnopt.reduction import Stat
 from dgn_dist.optim.kronecker import KroneckerFactor, stat_dtype
 
 
@@ -68,12 +69,11 @@ class CoopPairBlock(Block):
         self.needs_psi = u.needs_psi or v.needs_psi
         self.last_cross_ratio: Tensor | None = None
 
-    def update(self, batch: StageBatch, decay: float, update_factors: bool,
-               refresh: bool) -> None:
-        self.u.damping = self.v.damping = self.damping
-        self.u.update(batch, decay, update_factors, refresh)
-        self.v.update(batch, decay, update_factors, refresh)
-        self.needs_psi = self.u.needs_psi or self.v.needs_psi
+    def batch_stats(self, batch: StageBatch, update_factors: bool) -> dict[str, Stat]:
+        """Both groups' ``A``, ``G`` (prefixed ``u.`` / ``v.``) and the cross factors
+        ``A_uv`` (mean over rows) and ``B_uv`` (sum over rows) of this step, when due."""
+        out = {f"u.{k}": s for k, s in self.u.batch_stats(batch, update_factors).items()}
+        out.update({f"v.{k}": s for k, s in self.v.batch_stats(batch, update_factors).items()})
         if update_factors or self.a_uv is None:
             a_u, g_u = self.u.rows(batch)
             a_v, g_v = self.v.rows(batch)
@@ -87,7 +87,29 @@ class CoopPairBlock(Block):
             b_uv = g_u.to(dt).T @ g_v.to(dt)
             if self.zero_cross:
                 a_uv, b_uv = torch.zeros_like(a_uv), torch.zeros_like(b_uv)
-            self.a_uv, self.b_uv = _ema(self.a_uv, a_uv, decay), _ema(self.b_uv, b_uv, decay)
+            out["a_uv"] = Stat(a_uv, mean=True, category="cross")
+            out["b_uv"] = Stat(b_uv, mean=False, category="cross")
+        return out
+
+    def factors(self) -> list[KroneckerFactor]:
+        return [self.u.factor, self.v.factor, self.pre]
+
+    def psi_accumulators(self) -> list[Tensor]:
+        return self.u.psi_accumulators() + self.v.psi_accumulators()
+
+    def update(self, batch: StageBatch, decay: float, update_factors: bool,
+               refresh: bool, stats: dict[str, Tensor] | None = None) -> None:
+        """Fold ``stats`` (default: this replica's :meth:`batch_stats`) in and refresh."""
+        if stats is None:
+            stats = {k: s.value for k, s in self.batch_stats(batch, update_factors).items()}
+        self.u.damping = self.v.damping = self.damping
+        for name, blk in (("u", self.u), ("v", self.v)):
+            blk.update(batch, decay, update_factors, refresh,
+                       stats={k[2:]: v for k, v in stats.items() if k.startswith(f"{name}.")})
+        self.needs_psi = self.u.needs_psi or self.v.needs_psi
+        if "a_uv" in stats:
+            self.a_uv = _ema(self.a_uv, stats["a_uv"], decay)
+            self.b_uv = _ema(self.b_uv, stats["b_uv"], decay)
         if refresh or not self.pre.has_eigenbasis:
             self._refresh_preconditioner()
 

@@ -35,6 +35,7 @@ from torch import Tensor
 
 from dgn_dist.dgnopt.blocks import Block, IdentityBlock, Native, StageBatch
 from dgn_dist.dgnopt.players import PlayerView
+from dgn_dist.dgnopt.reduction import Stat
 from dgn_dist.game.core import Stage
 from dgn_dist.game.fictitious import FictitiousLayer
 from dgn_dist.optim.kronecker import KroneckerFactor, stat_dtype
@@ -78,16 +79,28 @@ class CopyCoupledBlock(Block):
         super().__init__(members, views)
         self.factor = KroneckerFactor("kfac")
 
+    def batch_stats(self, batch: StageBatch, update_factors: bool) -> dict[str, Stat]:
+        """``A`` (mean over rows) and ``G`` (sum over rows) of the layer, when due."""
+        if not (update_factors or self.factor.A is None):
+            return {}
+        n = self.members[0]  # all copies see the same input and output-side rows
+        a, g = batch.a[n], batch.g[n]
+        if a is None or g is None:
+            raise RuntimeError("game-extended curvature needs the factor pass (g rows)")
+        dt = stat_dtype(a.dtype)
+        return {"A": Stat(a.to(dt).T @ a.to(dt) / a.shape[0], mean=True, symmetric=True),
+                "G": Stat(g.to(dt).T @ g.to(dt), mean=False, symmetric=True)}
+
+    def factors(self) -> list[KroneckerFactor]:
+        return [self.factor]
+
     def update(self, batch: StageBatch, decay: float, update_factors: bool,
-               refresh: bool) -> None:
-        if update_factors or self.factor.A is None:
-            n = self.members[0]  # all copies see the same input and output-side rows
-            a, g = batch.a[n], batch.g[n]
-            if a is None or g is None:
-                raise RuntimeError("game-extended curvature needs the factor pass (g rows)")
-            dt = stat_dtype(a.dtype)
-            self.factor.update_stats(a.to(dt).T @ a.to(dt) / a.shape[0], g.to(dt).T @ g.to(dt),
-                                     decay)
+               refresh: bool, stats: dict[str, Tensor] | None = None) -> None:
+        """Fold ``stats`` (default: this replica's :meth:`batch_stats`) in and refresh."""
+        if stats is None:
+            stats = {k: s.value for k, s in self.batch_stats(batch, update_factors).items()}
+        if stats:
+            self.factor.update_stats(stats["A"], stats["G"], decay)
         if refresh or not self.factor.has_eigenbasis:
             self.factor.refresh_eigenbasis()
 

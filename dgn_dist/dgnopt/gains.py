@@ -35,6 +35,7 @@ from dgn_dist.dgnopt.blocks import (
 from dgn_dist.dgnopt.coop import CoopPairBlock
 from dgn_dist.dgnopt.extended import extended_identity_blocks
 from dgn_dist.dgnopt.players import PlayerView
+from dgn_dist.dgnopt.reduction import LOCAL, Reducer
 from dgn_dist.game.core import Stage
 
 INFOS: tuple[str, ...] = ("olne", "fne", "gr")
@@ -125,18 +126,31 @@ class StageSolver:
         return (self.curvature in ("kfac", "ekfac") or self.game_extended) and bool(self.views)
 
     def update(self, batch: StageBatch, *, decay: float, update_factors: bool, refresh: bool,
-               damping: float, weight_decay: float) -> None:
+               damping: float, weight_decay: float, reducer: Reducer = LOCAL) -> None:
         """Fold this step's statistics into every block and refresh eigenbases on schedule.
 
+        With data parallelism (``reducer``) the blocks' batch statistics are reduced over the
+        replicas in one bucketed call before they are folded, the eigendecompositions may be
+        spread over the replicas, and the per-sample sums are reduced before they are folded.
+
         Raises:
-            NonFiniteUpdate: a statistic of this step is not finite (nothing is folded in).
+            NonFiniteUpdate: a statistic of this step is not finite on some replica (nothing
+                is folded in; every replica raises).
         """
         tensors = [t for t in (*batch.q_theta, *batch.a, *batch.g) if t is not None]
-        if tensors and not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+        finite = not tensors or bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+        if not reducer.agree(finite):
             raise NonFiniteUpdate(f"non-finite curvature statistics at stage {self.name}")
-        for blk in self.blocks:
-            blk.damping = damping if isinstance(blk, RmsDiagBlock) else damping + weight_decay
-            blk.update(batch, decay, update_factors, refresh)
+        reduced = reducer.reduce_stats([blk.batch_stats(batch, update_factors)
+                                        for blk in self.blocks])
+        with reducer.refreshing([f for blk in self.blocks for f in blk.factors()]):
+            for blk, stats in zip(self.blocks, reduced, strict=True):
+                blk.damping = damping if isinstance(blk, RmsDiagBlock) else damping + weight_decay
+                if stats:
+                    blk.update(batch, decay, update_factors, refresh,  # type: ignore[call-arg]
+                               stats=stats)
+                else:
+                    blk.update(batch, decay, update_factors, refresh)
         psi_blocks = [b for b in self.blocks if b.needs_psi and update_factors]
         if not psi_blocks:
             return
@@ -144,6 +158,7 @@ class StageSolver:
         for psis in self.iter_psi(batch, members):
             for blk in psi_blocks:
                 blk.psi_stats(psis)
+        reducer.reduce([t for blk in psi_blocks for t in blk.psi_accumulators()], "factor")
         for blk in psi_blocks:
             blk.end_psi_stats(decay)
 

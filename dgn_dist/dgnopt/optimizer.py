@@ -42,6 +42,7 @@ from dgn_dist.dgnopt.baselines import DiagRule, kl_clip_scale
 from dgn_dist.dgnopt.capture import frozen_batchnorm
 from dgn_dist.dgnopt.gains import StageSolver
 from dgn_dist.dgnopt.options import check_options
+from dgn_dist.dgnopt.reduction import LOCAL, Reducer
 from dgn_dist.dgnopt.stats import tag, to_floats, value_stats
 from dgn_dist.dgnopt.sweep import StageSolution, SweepOptions, sweep_stage
 from dgn_dist.dgnopt.terminal import terminal_factors
@@ -141,7 +142,7 @@ class DGNOpt(Optimizer):
             a: [StageSolver(s, info, curvature, zero_cross=zero_cross, coop_iters=coop_iters,
                             coop_tol=coop_tol, diag_rule=diag_rule, game_extended=game_extended,
                             gain_scale=gain_scale)
-                for s in g.stages] for a, g in self.games.items()}
+                for s in g.stage_list()] for a, g in self.games.items()}
         self._alignment = alignment
         self.solvers = self.solver_sets[alignment]
         self.alignment_hook: AlignmentHook | None = None
@@ -149,6 +150,12 @@ class DGNOpt(Optimizer):
             raise ValueError(f"kl_clip must be >= 0 (0 = off); got {kl_clip}")
         self.gain_scale, self.kl_clip = gain_scale, kl_clip
         self.last_kl_scale = 1.0
+        #: Data parallelism (:mod:`dgn_dist.dgnopt.reduction`): the single-process no-op
+        #: unless :func:`dgn_dist.distributed.dgnopt_dp.attach_data_parallel` replaced it.
+        self.reducer: Reducer = LOCAL
+        #: > 0: scale the step so that ``lr · min(1, grad_clip / ‖Q_θ‖)`` (gradient clipping
+        #: of a DeepSpeed JSON, applied to the global ``Q_θ`` of all players).
+        self.grad_clip = 0.0
         self._recorded: dict[str, Tensor] = {}
         #: Set to True to keep the last sweep's V_x^t, U^t, k per stage in ``last_sweep``
         #: (tests and debugging; holds the tensors until the next step).
@@ -220,10 +227,10 @@ class DGNOpt(Optimizer):
                 "DGNOpt.step() needs a captured batch: run logits = model(x) in training mode "
                 "and loss.backward() before every step()")
         self._x = self._logits = self._vx = None
-        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        if not self.reducer.agree(not x.is_floating_point() or bool(torch.isfinite(x).all())):
             raise ValueError("the input batch contains NaN or inf; clean the data")
         group = self.param_groups[0]
-        if not bool(torch.isfinite(v_x).all() & torch.isfinite(logits).all()):
+        if not self.reducer.agree(bool(torch.isfinite(v_x).all() & torch.isfinite(logits).all())):
             self._skip("non-finite loss gradient")
             return loss
         hook = self.alignment_hook
@@ -255,14 +262,20 @@ class DGNOpt(Optimizer):
                             damping=float(group["damping"]), decay=self.ema_decay,
                             update_factors=step % self.factor_interval == 0,
                             refresh=step % self.inverse_interval == 0, record=record,
-                            rescale=self.rescale)
+                            rescale=self.rescale, reducer=self.reducer)
         stages = list(self.game.stages)
         with torch.no_grad():
             states = self.game.trajectory(x)
         if states[-1][0].shape != v_x.shape:
             raise RuntimeError(f"the game's output {tuple(states[-1][0].shape)} does not match "
                                f"the captured logits {tuple(v_x.shape)}")
-        u = (terminal_factors(logits, v_x, self.vxx, self.rank),) if use_factors else None
+        # Global stacked-batch convention (reduction.py): this replica's rows of ∂φ/∂x_T with
+        # φ the mean over all replicas' examples; float32 even under bf16 autocast.
+        world = self.reducer.world
+        dtype = states[-1][0].dtype
+        v_x, logits = v_x.to(dtype) / world, logits.to(dtype)
+        u = (terminal_factors(logits, v_x, self.vxx, self.rank, batch_size=v_x.shape[0] * world),
+             ) if use_factors else None
         vx_t: tuple[Tensor, ...] = (v_x,)
         recorded: dict[str, Tensor] = {}
         if record:
@@ -296,9 +309,13 @@ class DGNOpt(Optimizer):
                                                [q for s in solutions for q in s.q_theta],
                                                self.kl_clip, lr, self.gain_scale)
             lr *= self.last_kl_scale
+        if self.grad_clip > 0:
+            norm = torch.stack([q.double().pow(2).sum() for s in solutions
+                                for q in s.q_theta]).sum().sqrt()
+            lr *= min(1.0, self.grad_clip / max(float(norm), 1e-30))
         rec = update_pass(stages, self.solvers, states, solutions, lr=lr,
                           feedback_scale=float(group["feedback_scale"]),
-                          feedback=self.feedback, record=record)
+                          feedback=self.feedback, record=record, reducer=self.reducer)
         if record:
             for name, val in rec.open_norm.items():
                 fb = rec.feedback_norm[name]

@@ -36,6 +36,7 @@ from dgn_dist.dgnopt.capture import (
 )
 from dgn_dist.dgnopt.gains import StageSolver
 from dgn_dist.dgnopt.players import PlayerView
+from dgn_dist.dgnopt.reduction import LOCAL, Reducer
 from dgn_dist.game.core import Stage, State
 
 
@@ -54,6 +55,7 @@ class SweepOptions:
         record: keep statistics for :mod:`dgn_dist.dgnopt.stats`.
         rescale: scale each curvature block up where its quadratic model lies below the
             batch Gauss-Newton model along its own step (:func:`rescale_gains`).
+        reducer: data-parallel reductions of the batch sums (:mod:`.reduction`).
     """
 
     feedback: bool
@@ -65,6 +67,7 @@ class SweepOptions:
     refresh: bool
     record: bool = False
     rescale: bool = False
+    reducer: Reducer = LOCAL
 
 
 @dataclass
@@ -116,8 +119,9 @@ def sweep_stage(stage: Stage, solver: StageSolver, x_t: State, vx_next: State,
     for v in views:
         g = grads[offset:offset + len(v.params)]
         offset += len(v.params)
-        q = v.to_native([gi.detach() for gi in g])
-        q_theta.append(q + opts.weight_decay * v.theta() if opts.weight_decay else q)
+        q_theta.append(v.to_native([gi.detach() for gi in g]))
+    # Q_θ is a sum over examples: summed over the replicas while the factor pass runs.
+    pending_q = opts.reducer.start(q_theta, "grad")
     vx_t: State | None = tuple(g.detach() for g in grads[offset:]) if need_value and plain \
         else None
 
@@ -126,13 +130,18 @@ def sweep_stage(stage: Stage, solver: StageSolver, x_t: State, vx_next: State,
     w: State | None = None
     if opts.use_factors and u_next is not None and (views or need_value):
         w = _factor_pass(stage, views, x_t, u_next, batch, tap, need_value)
+    pending_q.wait()
+    if opts.weight_decay:
+        q_theta[:] = [q + opts.weight_decay * v.theta() for q, v in zip(q_theta, views,
+                                                                        strict=True)]
     solver.update(batch, decay=opts.decay, update_factors=opts.update_factors,
-                  refresh=opts.refresh, damping=opts.damping, weight_decay=opts.weight_decay)
+                  refresh=opts.refresh, damping=opts.damping, weight_decay=opts.weight_decay,
+                  reducer=opts.reducer)
     solver.reset_scales()
     k = solver.solve(solver.open_rhs(q_theta))
     jk_scaled: State | None = None
     if opts.rescale and u_next is not None and views:
-        k, jk_scaled = rescale_gains(stage, solver, x_t, q_theta, k, u_next)
+        k, jk_scaled = rescale_gains(stage, solver, x_t, q_theta, k, u_next, opts.reducer)
     stats: dict[str, Tensor] = {}
     if opts.record:
         ratio = solver.cross_ratio()
@@ -161,7 +170,8 @@ def sweep_stage(stage: Stage, solver: StageSolver, x_t: State, vx_next: State,
 
 
 def rescale_gains(stage: Stage, solver: StageSolver, x_t: State, q_theta: list[Tensor],
-                  k: list[Tensor], u_next: State) -> tuple[list[Tensor], State]:
+                  k: list[Tensor], u_next: State,
+                  reducer: Reducer = LOCAL) -> tuple[list[Tensor], State]:
     """Keep each block's quadratic model at or above the batch Gauss-Newton model.
 
     A Kronecker (or EMA) curvature can lie far below the batch's Gauss-Newton curvature
@@ -175,6 +185,9 @@ def rescale_gains(stage: Stage, solver: StageSolver, x_t: State, q_theta: list[T
     ``k``, ``K`` and ``Γ`` stay consistent. Where the curvature is the exact Gauss-Newton
     matrix of the propagated factors, ``s = 1`` (both sides are equal).
 
+    The batch sums ``Σ_{b,i} <u_{b,i}, (J_θ k)_b>²`` of all units are summed over the
+    data-parallel replicas in one reduction (``reducer``).
+
     Returns:
         The rescaled gains and ``J_θ k`` for them (reused by the ``V_x`` update).
     """
@@ -182,7 +195,9 @@ def rescale_gains(stage: Stage, solver: StageSolver, x_t: State, q_theta: list[T
     params = [p for v in views for p in v.params]
     scales: list[Tensor] = [torch.ones((), dtype=torch.float64)] * len(views)
     jk_total: list[Tensor] | None = None
-    for members, damping in solver.rescale_units():
+    units = solver.rescale_units()
+    jks, sums = [], []
+    for members, _ in units:
         directions = [d for n, v in enumerate(views) for d in
                       (v.from_native(k[n]) if n in members else
                        [torch.zeros_like(p) for p in v.params])]
@@ -190,14 +205,19 @@ def rescale_gains(stage: Stage, solver: StageSolver, x_t: State, q_theta: list[T
         coef = sum(torch.einsum("bi...,b...->bi", u, j) for u, j in
                    zip(u_next, jk, strict=False))
         assert isinstance(coef, Tensor)
-        batch_quad = (coef.to(torch.float64) ** 2).sum() + damping * sum(
+        jks.append(jk)
+        sums.append((coef.to(torch.float64) ** 2).sum())
+    gn_sums = torch.stack(sums)
+    reducer.reduce([gn_sums], "scalar")
+    for (members, damping), jk, gn_sum in zip(units, jks, gn_sums, strict=True):
+        batch_quad = gn_sum + damping * sum(
             (k[n].to(torch.float64) ** 2).sum() for n in members)
         model_quad = sum((q_theta[n].to(torch.float64) * k[n].to(torch.float64)).sum()
                          for n in members)
         assert isinstance(model_quad, Tensor)
         ok = bool(model_quad > 0) and bool(torch.isfinite(batch_quad))
         scale = (batch_quad / model_quad).clamp_min(1.0) if ok else \
-            torch.ones((), dtype=torch.float64, device=coef.device)
+            torch.ones((), dtype=torch.float64, device=gn_sum.device)
         scaled = [j / scale.to(j.dtype) for j in jk]
         jk_total = scaled if jk_total is None else [a + b for a, b in
                                                      zip(jk_total, scaled, strict=True)]

@@ -34,7 +34,8 @@ def factor_rank(kind: str, rank: int, num_classes: int) -> int:
 
 
 def terminal_factors(logits: Tensor, v_x: Tensor, kind: str, rank: int = 1,
-                     generator: torch.Generator | None = None) -> Tensor:
+                     generator: torch.Generator | None = None,
+                     batch_size: int | None = None) -> Tensor:
     """Per-sample factors ``u [B, r, C]`` of the terminal ``V_xx`` (DESIGN.md section 3).
 
     Args:
@@ -43,6 +44,9 @@ def terminal_factors(logits: Tensor, v_x: Tensor, kind: str, rank: int = 1,
         kind: ``"empirical"``, ``"sampled"`` or ``"exact"``.
         rank: number of Monte-Carlo samples for ``sampled`` (ignored otherwise).
         generator: random generator for ``sampled`` (the global one when ``None``).
+        batch_size: the ``B`` of ``φ = mean_b CE`` -- the GLOBAL batch under data
+            parallelism (``v_x`` then holds this replica's rows of the global ``∂φ/∂x_T``);
+            ``None``: the rows of ``logits``.
 
     Returns:
         ``u`` with ``sum_i u_{b,i} u_{b,i}ᵀ`` the factorised ``V_xx`` block of sample ``b``.
@@ -50,7 +54,8 @@ def terminal_factors(logits: Tensor, v_x: Tensor, kind: str, rank: int = 1,
     if logits.dim() != 2:
         raise ValueError("DGNOpt needs logits of shape [batch, classes]; got "
                          f"{tuple(logits.shape)}")
-    b, c = logits.shape
+    c = logits.shape[1]
+    b = logits.shape[0] if batch_size is None else batch_size
     if kind == "empirical":
         return (b ** 0.5) * v_x.detach()[:, None, :]
     p = torch.softmax(logits.detach(), dim=1)

@@ -23,6 +23,7 @@ from torch import Tensor
 from dgn_dist.dgnopt.autodiff import jvp_state, vjp
 from dgn_dist.dgnopt.capture import contract_factors
 from dgn_dist.dgnopt.gains import NonFiniteUpdate, StageSolver
+from dgn_dist.dgnopt.reduction import LOCAL, Reducer
 from dgn_dist.dgnopt.sweep import StageSolution
 from dgn_dist.game.core import Stage, State
 
@@ -38,8 +39,9 @@ class UpdateRecord:
 
 
 def feedback_term(stage: Stage, solver: StageSolver, x_t: State, dx: State,
-                  u_next: State) -> list[Tensor]:
-    """``K δX = Q_θθ⁻¹ Q_θx δX`` in native form (one JVP, one VJP, one solve)."""
+                  u_next: State, reducer: Reducer = LOCAL) -> list[Tensor]:
+    """``K δX = Q_θθ⁻¹ Q_θx δX`` in native form (one JVP, one VJP, one solve); the weighted
+    gradient ``Q_θx δX`` is a sum over examples, summed over the replicas (``reducer``)."""
     views = solver.views
     params = [p for v in views for p in v.params]
     jx = jvp_state(stage, x_t, dx)
@@ -51,13 +53,14 @@ def feedback_term(stage: Stage, solver: StageSolver, x_t: State, dx: State,
     for v in views:
         rhs.append(v.to_native([g.detach() for g in grads[offset:offset + len(v.params)]]))
         offset += len(v.params)
+    reducer.reduce(rhs, "feedback")
     return solver.solve(rhs)
 
 
 def update_pass(stages: Sequence[Stage], solvers: Sequence[StageSolver],
                 states: Sequence[State], solutions: Sequence[StageSolution], *, lr: float,
                 feedback_scale: float, feedback: bool,
-                record: bool = False) -> UpdateRecord:
+                record: bool = False, reducer: Reducer = LOCAL) -> UpdateRecord:
     """Apply ``θ ← θ − lr (k + feedback_scale · K δX)`` stage by stage (module docstring).
 
     Args:
@@ -69,6 +72,7 @@ def update_pass(stages: Sequence[Stage], solvers: Sequence[StageSolver],
         feedback_scale: multiplies ``K δX`` (0 turns the feedback off).
         feedback: ``Q_θx`` is kept (``fne`` / ``gr``).
         record: keep per-player norms of the two parts.
+        reducer: data-parallel reduction of the weighted gradients (:mod:`.reduction`).
 
     Raises:
         NonFiniteUpdate: a stage's update is not finite (parameters are left unchanged).
@@ -82,7 +86,7 @@ def update_pass(stages: Sequence[Stage], solvers: Sequence[StageSolver],
             views = solver.views
             kdx: list[Tensor] | None = None
             if feedback and feedback_scale != 0.0 and dx is not None and sol.u_next is not None:
-                kdx = feedback_term(stage, solver, states[t], dx, sol.u_next)
+                kdx = feedback_term(stage, solver, states[t], dx, sol.u_next, reducer)
             steps = []
             for n, v in enumerate(views):
                 open_part = lr * sol.k[n]

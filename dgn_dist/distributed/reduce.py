@@ -2,7 +2,8 @@
 
 * :class:`Averager` flattens tensors into buckets of ``bucket_bytes``, starts one
   asynchronous all-reduce per bucket and, on :meth:`PendingAverage.wait`, divides by the group
-  size and copies the means back into the tensors in place -- compute issued between
+  size (per tensor: ``mean=False`` keeps the sum) and copies the results back into the
+  tensors in place -- compute issued between
   ``start`` and ``wait`` overlaps the communication. Symmetric matrices (Kronecker factors)
   travel as their upper triangles (``n(n+1)/2`` numbers instead of ``n^2``).
 * :func:`broadcast_assigned` sends each player's results from the rank that computed them
@@ -128,7 +129,9 @@ class PendingAverage:
     """All-reduces in flight; :meth:`wait` finishes them and writes the means back."""
 
     def __init__(self, works: list[Any], flats: list[Tensor], buckets: list[list[int]],
-                 tensors: Sequence[Tensor], symmetric: Sequence[bool], world: int) -> None:
+                 tensors: Sequence[Tensor], symmetric: Sequence[bool], world: int,
+                 mean: Sequence[bool] | None = None) -> None:
+        self._mean = [True] * len(tensors) if mean is None else list(mean)
         self._works = works
         self._flats = flats
         self._buckets = buckets
@@ -138,17 +141,18 @@ class PendingAverage:
         self.done = not works
 
     def wait(self) -> None:
-        """Block until every bucket is reduced, then copy ``sum / W`` into the tensors."""
+        """Block until every bucket is reduced, then copy ``sum / W`` (``sum`` where
+        ``mean=False``) into the tensors."""
         if self.done:
             return
         for work, flat, bucket in zip(self._works, self._flats, self._buckets, strict=True):
             work.wait()
-            flat.div_(self._world)
             offset = 0
             for i in bucket:
                 t, sym = self._tensors[i], self._symmetric[i]
                 n = _packed_numel(t, sym)
-                _restore(t, flat[offset:offset + n], sym)
+                part = flat[offset:offset + n]
+                _restore(t, part.div_(self._world) if self._mean[i] else part, sym)
                 offset += n
         self.done = True
 
@@ -171,18 +175,23 @@ class Averager:
         self.counter = counter if counter is not None else ByteCounter()
 
     def start(self, tensors: Sequence[Tensor], category: str,
-              symmetric: bool | Sequence[bool] = False) -> PendingAverage:
-        """Start averaging ``tensors`` in place; returns the handle to :meth:`wait` on.
+              symmetric: bool | Sequence[bool] = False,
+              mean: bool | Sequence[bool] = True) -> PendingAverage:
+        """Start averaging (or summing) ``tensors`` in place; returns the handle to
+        :meth:`PendingAverage.wait` on.
 
         Args:
             tensors: tensors with identical shapes and dtypes on every rank, in the same order.
             category: byte-counter category (``"grad"``, ``"factor"``, ``"cross"`` ...).
             symmetric: per tensor (or for all), whether it is a symmetric matrix to send as
                 its upper triangle.
+            mean: per tensor (or for all): the mean over the ranks (True) or the sum (False).
         """
         sym = [symmetric] * len(tensors) if isinstance(symmetric, bool) else list(symmetric)
-        if len(sym) != len(tensors):
-            raise ValueError(f"symmetric has {len(sym)} flags for {len(tensors)} tensors")
+        means = [mean] * len(tensors) if isinstance(mean, bool) else list(mean)
+        if len(sym) != len(tensors) or len(means) != len(tensors):
+            raise ValueError(f"symmetric has {len(sym)} and mean {len(means)} flags for "
+                             f"{len(tensors)} tensors")
         world = group_size(self.group)
         if world == 1 or not tensors:
             return PendingAverage([], [], [], tensors, sym, 1)
@@ -193,12 +202,13 @@ class Averager:
             self.counter.add(category, flat.numel() * flat.element_size())
             works.append(dist.all_reduce(flat, group=self.group, async_op=True))
             flats.append(flat)
-        return PendingAverage(works, flats, buckets, tensors, sym, world)
+        return PendingAverage(works, flats, buckets, tensors, sym, world, means)
 
     def average(self, tensors: Sequence[Tensor], category: str,
-                symmetric: bool | Sequence[bool] = False) -> None:
+                symmetric: bool | Sequence[bool] = False,
+                mean: bool | Sequence[bool] = True) -> None:
         """Blocking :meth:`start` + :meth:`PendingAverage.wait`."""
-        self.start(tensors, category, symmetric).wait()
+        self.start(tensors, category, symmetric, mean).wait()
 
 
 def broadcast_assigned(results: Mapping[str, Sequence[Tensor]], assignment: GreedyAssignment,

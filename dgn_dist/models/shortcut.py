@@ -39,6 +39,6 @@ def conv_shortcuts(model: nn.Module) -> nn.Module:
         conv1, conv2 = block.conv1, block.conv2
         assert isinstance(conv1, nn.Conv2d) and isinstance(conv2, nn.Conv2d)
         block.shortcut = nn.Sequential(nn.Conv2d(
-            conv1.in_channels, conv2.out_channels, 1, stride=conv1.stride,
+            conv1.in_channels, conv2.out_channels, 1, stride=(conv1.stride[0], conv1.stride[1]),
             bias=conv1.bias is not None))
     return model

@@ -6,11 +6,14 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from dgn_dist.repro import quickstart, table2
+from dgn_dist.repro import fig6, quickstart, table2, table3, table4
 
 COMMANDS = {
     "quickstart": (quickstart, "README main job: DGNOpt and baselines on DIGITS"),
     "table2-digits": (table2, "Table 2, DIGITS row: 7 optimizers x N seeds, tuned lr"),
+    "table3-fictitious": (table3, "Table 3 / Fig. 7: game-extended SGD, N = 1, 2, 4, 6"),
+    "table4-alignment": (table4, "Table 4 / Fig. 8: EKFAC vs fixed/random/adaptive alignment"),
+    "fig6-ablation": (fig6, "Fig. 6: accuracy change of each baseline lifted to the closed loop"),
 }
 
 
