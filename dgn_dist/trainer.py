@@ -1,4 +1,4 @@
-"""The training loop: one process, CPU or one GPU, readable top to bottom.
+"""The training loop: one process or data-parallel ranks, CPU or GPUs, top to bottom.
 
 :func:`train` builds the data, model, optimizer and learning-rate schedule, restores a
 checkpoint when ``run.resume`` is set, and runs the ordinary loop for every optimizer::
@@ -12,13 +12,19 @@ optimizer (curvature state included), scheduler, damping, every RNG state, the p
 the epoch and the running epoch statistics; the losses after resuming equal those of an
 uninterrupted run. Ctrl-C finishes the current step, writes a checkpoint and re-raises
 ``KeyboardInterrupt`` (a second Ctrl-C stops at once, without a checkpoint).
+
+Under a launcher (torchrun, accelerate launch, deepspeed) the same loop runs data parallel
+(:mod:`dgn_dist.distributed.training`): ``data.batch_size`` is the global batch, each dp
+rank trains on its slice of it, the optimizer reduces over the dp group, evaluation is
+sharded and summed, and rank 0 alone logs and writes checkpoints (which hold the replicated
+state every rank needs). After a torchrun restart (``--max-restarts``) the run resumes from
+the latest checkpoint in ``run.dir``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import signal
 import threading
@@ -31,7 +37,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from dgn_dist.checkpoint import (
     CheckpointError,
@@ -45,7 +51,14 @@ from dgn_dist.checkpoint import (
 )
 from dgn_dist.config import Config, ConfigError, dump_toml
 from dgn_dist.dashboard import DashboardWriter
-from dgn_dist.device import configure_determinism, is_main_process, resolve_device, seed_everything
+from dgn_dist.device import configure_determinism, seed_everything
+from dgn_dist.distributed.training import (
+    ParallelRun,
+    ShardedBatchSampler,
+    elastic_restart_count,
+    setup_parallel,
+    steps_per_epoch,
+)
 from dgn_dist.metrics import (
     MetricsWriter,
     RunningStats,
@@ -105,8 +118,10 @@ class InterruptGuard:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[float, float]:
-    """Accuracy (percent) and mean cross-entropy of ``model`` over ``loader``."""
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device,
+             par: ParallelRun | None = None) -> tuple[float, float]:
+    """Accuracy (percent) and mean cross-entropy of ``model`` over ``loader`` (summed over
+    the dp replicas' shards when ``par`` is given)."""
     was_training = model.training
     model.eval()
     stats = RunningStats(device)
@@ -115,11 +130,27 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> tupl
         logits = model(x)
         stats.add(F.cross_entropy(logits, y), logits, y)
     model.train(was_training)
-    return stats.acc(), stats.loss()
+    return global_acc_loss(stats, par)
+
+
+def global_acc_loss(stats: RunningStats, par: ParallelRun | None) -> tuple[float, float]:
+    """Accuracy (percent) and mean loss of ``stats`` summed over the dp replicas."""
+    loss_sum, correct, seen = stats.loss_sum.item(), float(stats.correct.item()), stats.seen
+    if par is not None:
+        loss_sum, correct, seen = par.sum_over_dp([loss_sum, correct, float(seen)])
+    return 100.0 * correct / max(seen, 1), loss_sum / max(seen, 1)
+
+
+def _shard(dataset: Dataset, par: ParallelRun) -> Dataset:
+    """Every ``dp``-th example from ``dp_rank`` on (evaluation shards)."""
+    if par.dp == 1:
+        return dataset
+    return Subset(dataset, range(par.dp_rank, len(dataset), par.dp))  # type: ignore[arg-type]
 
 
 def _loader(dataset: Dataset, batch_size: int, cfg: Config, device: torch.device,
-            seed: int, sampler: ResumableSampler | None = None) -> Any:
+            seed: int, sampler: ResumableSampler | None = None,
+            par: ParallelRun | None = None) -> Any:
     if cfg.data.loader == "ffcv":  # order from (run.seed, epoch); sharded across ranks
         from dgn_dist.data.ffcv import ffcv_loader
 
@@ -128,6 +159,10 @@ def _loader(dataset: Dataset, batch_size: int, cfg: Config, device: torch.device
                            epoch=None if sampler is None else sampler.epoch,
                            start=0 if sampler is None else sampler.start)
     # An explicit generator keeps DataLoader from drawing its worker seed from the global RNG.
+    if sampler is not None and par is not None:  # this dp rank's slice of each global batch
+        return DataLoader(dataset, batch_sampler=ShardedBatchSampler(
+            sampler, batch_size, par.dp, par.dp_rank), num_workers=cfg.data.num_workers,
+            pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(seed))
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False,
                       num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
                       generator=torch.Generator().manual_seed(seed))
@@ -140,7 +175,7 @@ def _sync(device: torch.device) -> None:
 
 def _checkpoint_state(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer,
                       scheduler: torch.optim.lr_scheduler.LRScheduler, prog: Progress,
-                      ) -> dict[str, Any]:
+                      par: ParallelRun) -> dict[str, Any]:
     damping = getattr(optimizer, "damping", None)
     return {
         "format": CHECKPOINT_FORMAT,
@@ -151,11 +186,12 @@ def _checkpoint_state(cfg: Config, model: nn.Module, optimizer: torch.optim.Opti
         "rng": capture_rng_state(),
         "progress": dataclasses.asdict(prog),
         "config": dump_toml(cfg),
+        "parallel": {"dp": par.dims.dp, "pp": par.dims.pp, "world_size": par.ctx.world_size},
     }
 
 
 def _restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-             scheduler: torch.optim.lr_scheduler.LRScheduler) -> Progress:
+             scheduler: torch.optim.lr_scheduler.LRScheduler, par: ParallelRun) -> Progress:
     ckpt = load_checkpoint(path)
     if ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"checkpoint '{path}' has format {ckpt.get('format')!r}, this "
@@ -170,8 +206,19 @@ def _restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
             "resume with the configuration the run started with (its config.toml)") from err
     if ckpt["damping"] is not None and hasattr(optimizer, "damping"):
         optimizer.damping = ckpt["damping"]
+    saved = ckpt.get("parallel", {"dp": 1, "pp": 1})
+    if saved.get("pp", 1) != par.dims.pp:
+        raise CheckpointError(
+            f"checkpoint '{path}' was written with parallel.pp={saved.get('pp', 1)} but this "
+            f"run has pp={par.dims.pp}; resume with the same pipeline degree")
+    if saved.get("dp", 1) != par.dims.dp:  # the state is replicated: only the split changes
+        log(f"note: checkpoint written with dp={saved.get('dp', 1)}, resuming with "
+            f"dp={par.dims.dp} at the same global batch (data.batch_size)")
     restore_rng_state(ckpt["rng"])  # last: nothing may draw random numbers after this
-    return Progress(**ckpt["progress"])
+    prog = Progress(**ckpt["progress"])
+    if not par.is_main:  # rank 0 carries the epoch's (dp-summed) running statistics
+        prog.epoch_stats = {}
+    return prog
 
 
 def train(cfg: Config, on_step: StepHook | None = None) -> dict[str, Any]:
@@ -199,11 +246,13 @@ def train(cfg: Config, on_step: StepHook | None = None) -> dict[str, Any]:
     if not cfg.run.dir:
         raise ValueError("cfg.run.dir is empty; set run.dir (dgn-train fills in a default)")
     session_start = time.perf_counter()
+    par = setup_parallel(cfg)  # before any data: bad degrees fail fast, on every rank
+    cfg.run.dir = par.agree_on(cfg.run.dir)  # rank 0's (timestamped) default everywhere
     run_dir = Path(cfg.run.dir)
-    main = is_main_process()
+    main = par.is_main
 
     # --- build ---------------------------------------------------------------------------
-    device = resolve_device(cfg.run.device)
+    device = par.ctx.device
     seed_everything(cfg.run.seed)
     configure_determinism(device, cfg.run.deterministic)
     data = build_data(cfg.data, cfg.run.seed)
@@ -213,13 +262,16 @@ def train(cfg: Config, on_step: StepHook | None = None) -> dict[str, Any]:
         optimizer = build_training_optimizer(cfg, model, data.val)  # + §5.2 game options
     except ValueError as err:
         raise ConfigError(str(err)) from err
+    par.attach(cfg, model, optimizer)  # dp reductions (a no-op for one process)
     milestones = cfg.optim.milestones if cfg.optim.lr_schedule == "multistep" else []
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, cfg.optim.gamma)
     checkpoints = CheckpointManager(run_dir / "checkpoints", cfg.checkpoint.keep_last)
     prog = Progress()
+    if not cfg.run.resume and elastic_restart_count() > 0 and checkpoints.latest() is not None:
+        cfg.run.resume = "latest"  # torchrun restarted the workers after a failure
     if cfg.run.resume:
         path = checkpoints.resolve(cfg.run.resume)
-        prog = _restore(path, model, optimizer, scheduler)
+        prog = _restore(path, model, optimizer, scheduler, par)
         log(f"resumed from {path}: step {prog.step}, epoch {prog.epoch + 1}, "
             f"batch {prog.position}")
     wall_before = prog.wall_time_s
@@ -231,29 +283,37 @@ def train(cfg: Config, on_step: StepHook | None = None) -> dict[str, Any]:
     dashboard = DashboardWriter(writer.custom_scalars, writer.enabled, expect_groups=bool(
         cfg.logging.curvature_every) and callable(getattr(optimizer, "curvature_stats", None)))
     sampler = ResumableSampler(len(data.train), cfg.run.seed)
-    steps_per_epoch = math.ceil(len(data.train) / cfg.data.batch_size)
-    test_loader = _loader(data.test, cfg.data.eval_batch_size, cfg, device, seed=0)
+    epoch_steps = steps_per_epoch(len(data.train), cfg.data.batch_size, par.dp)
+    test_loader = _loader(_shard(data.test, par), cfg.data.eval_batch_size, cfg, device, seed=0)
     has_val = data.val is not None and len(data.val) > 0
-    val_loader = _loader(data.val, cfg.data.eval_batch_size, cfg, device, 0) if has_val else None
+    val_loader = _loader(_shard(data.val, par), cfg.data.eval_batch_size, cfg, device, 0) \
+        if has_val else None
     epoch_stats, window = RunningStats(device), RunningStats(device)
     epoch_stats.load(prog.epoch_stats)
-    show_bar = progress_enabled(cfg.run.quiet)
+    show_bar = progress_enabled(cfg.run.quiet) and main
     max_steps = cfg.run.max_steps
     saved_at = -1
 
-    def save() -> Path | None:
+    def save(collective: bool = True) -> Path | None:
+        """Checkpoint (rank 0 writes); ``collective=False`` skips the dp reduction of the
+        running statistics (after Ctrl-C, when the ranks may not be in step)."""
         nonlocal saved_at
         prog.epoch_stats = epoch_stats.state()
+        if collective and par.dp > 1:
+            keys = ("loss_sum", "correct", "seen", "steps")
+            summed = par.sum_over_dp([float(prog.epoch_stats[k]) for k in keys])
+            prog.epoch_stats = {"loss_sum": summed[0], "correct": int(summed[1]),
+                                "seen": int(summed[2]), "steps": epoch_stats.steps}
         prog.wall_time_s = wall_before + time.perf_counter() - session_start
         saved_at = prog.step
         if not main:
             return None
-        return checkpoints.save(_checkpoint_state(cfg, model, optimizer, scheduler, prog),
-                                prog.step)
+        return checkpoints.save(
+            _checkpoint_state(cfg, model, optimizer, scheduler, prog, par), prog.step)
 
     def run_eval() -> tuple[float, float | None]:
-        test_acc, test_loss = evaluate(model, test_loader, device)
-        val_acc = evaluate(model, val_loader, device)[0] if val_loader is not None else None
+        test_acc, test_loss = evaluate(model, test_loader, device, par)
+        val_acc = evaluate(model, val_loader, device, par)[0] if val_loader is not None else None
         prog.best_test_acc = max(prog.best_test_acc or 0.0, test_acc)
         writer.scalars({"acc/test": test_acc, "loss/test": test_loss, "acc/val": val_acc},
                        prog.step)
@@ -266,7 +326,7 @@ def train(cfg: Config, on_step: StepHook | None = None) -> dict[str, Any]:
             optimizer.damping = max(optimizer.damping * cfg.curvature.damping_decay,
                                     cfg.curvature.damping_min)
         prog.epoch, prog.position = prog.epoch + 1, 0
-        train_loss, train_acc = epoch_stats.loss(), epoch_stats.acc()
+        train_acc, train_loss = global_acc_loss(epoch_stats, par)
         epoch_stats.reset()
         test_acc = val_acc = None
         if prog.epoch % cfg.run.eval_every == 0 or prog.epoch == cfg.run.epochs:
@@ -288,20 +348,23 @@ def train(cfg: Config, on_step: StepHook | None = None) -> dict[str, Any]:
                 start = min(prog.position * cfg.data.batch_size, len(data.train))
                 sampler.set_epoch(prog.epoch, start)
                 loader = _loader(data.train, cfg.data.batch_size, cfg, device,
-                                 seed=cfg.run.seed * 100_003 + prog.epoch, sampler=sampler)
-                bar = progress(loader, steps_per_epoch, prog.position,
+                                 seed=cfg.run.seed * 100_003 + prog.epoch, sampler=sampler,
+                                 par=par)
+                bar = progress(loader, epoch_steps, prog.position,
                                f"epoch {prog.epoch + 1}", show_bar)
                 model.train()
                 for x, y in bar:
                     consistent = False
                     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                    logits = model(x)
-                    loss = F.cross_entropy(logits, y)
+                    with torch.autocast(device.type, dtype=par.autocast or torch.bfloat16,
+                                        enabled=par.autocast is not None):
+                        logits = model(x)
+                        loss = F.cross_entropy(logits, y)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
                     prog.step, prog.position = prog.step + 1, prog.position + 1
-                    prog.samples += len(y)
+                    prog.samples += len(y) * par.dp  # equal local batches
                     epoch_stats.add(loss, logits, y)
                     window.add(loss, logits, y)
                     consistent = True
@@ -315,10 +378,14 @@ def train(cfg: Config, on_step: StepHook | None = None) -> dict[str, Any]:
                     last = now
                     if log_now:
                         lr = optimizer.param_groups[0]["lr"]
-                        writer.scalars({"loss/train": window.loss(), "acc/train": window.acc(),
+                        w_acc, w_loss = global_acc_loss(window, par)
+                        writer.scalars({"loss/train": w_loss, "acc/train": w_acc,
                                         "lr": lr, "time/step": window.time_s / window.steps},
                                        prog.step)
-                        bar.set_postfix_str(f"loss {window.loss():.4f}")
+                        writer.scalars({f"comm/{k}_bytes": v / window.steps
+                                        for k, v in par.counter.as_dict().items()}, prog.step)
+                        par.counter.reset()
+                        bar.set_postfix_str(f"loss {w_loss:.4f}")
                         window.reset()
                         bandit = game_scalars(optimizer)
                         writer.scalars(bandit, prog.step)  # bandit/*
@@ -338,7 +405,7 @@ def train(cfg: Config, on_step: StepHook | None = None) -> dict[str, Any]:
                         stop = True
                         break
                 bar.close()
-                if prog.position < steps_per_epoch:
+                if prog.position < epoch_steps:
                     break  # stopped inside the epoch (run.max_steps)
                 consistent = False
                 end_epoch(time.perf_counter() - epoch_start)
@@ -346,7 +413,7 @@ def train(cfg: Config, on_step: StepHook | None = None) -> dict[str, Any]:
                 guard.check()
     except KeyboardInterrupt:
         if consistent:
-            written = save() if saved_at != prog.step else checkpoints.latest()
+            written = save(collective=False) if saved_at != prog.step else checkpoints.latest()
             log(f"interrupted at step {prog.step}; checkpoint {written}; continue with "
                 f"run.dir={run_dir} run.resume=latest")
         writer.close()
@@ -371,7 +438,7 @@ def train(cfg: Config, on_step: StepHook | None = None) -> dict[str, Any]:
     train_loss: float | None
     train_acc: float | None
     if epoch_stats.seen:
-        train_loss, train_acc = epoch_stats.loss(), epoch_stats.acc()
+        train_acc, train_loss = global_acc_loss(epoch_stats, par)
     elif last_record is not None:
         train_loss, train_acc = last_record["train_loss"], last_record["train_acc"]
     else:
@@ -380,12 +447,13 @@ def train(cfg: Config, on_step: StepHook | None = None) -> dict[str, Any]:
     summary = {
         "test_acc": test_acc, "best_test_acc": prog.best_test_acc, "val_acc": val_acc,
         "train_loss": train_loss, "train_acc": train_acc, "steps": prog.step,
-        "epochs": prog.epoch + prog.position / steps_per_epoch,
+        "epochs": prog.epoch + prog.position / epoch_steps,
         "lr": optimizer.param_groups[0]["lr"],
         "wall_time_s": prog.wall_time_s, "train_time_s": prog.train_time_s,
         "samples_per_s": prog.samples / prog.train_time_s if prog.train_time_s else None,
         "optimizer": cfg.optim.name, "model": cfg.model.name, "dataset": cfg.data.dataset,
         "seed": cfg.run.seed, "device": str(device), "run_dir": str(run_dir),
+        "world_size": par.ctx.world_size, "dp": par.dims.dp, "launcher": par.ctx.launcher,
         "history": prog.history,
     }
     if main:

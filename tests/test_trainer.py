@@ -18,7 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 SUMMARY_KEYS = {"test_acc", "best_test_acc", "val_acc", "train_loss", "train_acc", "steps",
                 "epochs", "lr", "wall_time_s", "train_time_s", "samples_per_s", "optimizer",
-                "model", "dataset", "seed", "device", "run_dir", "history"}
+                "model", "dataset", "seed", "device", "run_dir", "history",
+                "world_size", "dp", "launcher"}
 
 
 def _cfg(config: str, run_dir: Path, *overrides: str) -> Config:

@@ -248,6 +248,8 @@ def init_distributed(backend: str = "auto", device: str = "auto",
     global _CONTEXT
     launch = detect_launch()
     dev, be = resolve_device_backend(device, backend, launch.local_rank)
+    if _CONTEXT is not None and _CONTEXT.launcher == "none" and launch.launcher != "none":
+        _CONTEXT = None  # a single-process context inherited by a forked worker
     if _CONTEXT is not None:
         if _CONTEXT.device != dev or (_CONTEXT.backend not in (None, be)):
             raise DistributedSetupError(
