@@ -88,6 +88,14 @@ def _run(cfg: Config, print_game: bool) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        from dgn_dist.device import is_main_process
+        from dgn_dist.distributed.env import shutdown
+
+        main_rank = is_main_process()
+        shutdown()  # leave the launcher's process group cleanly
+    if not main_rank:
+        return 0
     val = summary["val_acc"]
     print(f"done: test acc {summary['test_acc']:.2f}% (best {summary['best_test_acc']:.2f}%)"
           + (f", val acc {val:.2f}%" if val is not None else "")

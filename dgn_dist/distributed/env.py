@@ -225,6 +225,24 @@ def _init_deepspeed(backend: str, device: torch.device, timeout: timedelta) -> N
                                timeout=timeout)
 
 
+def _attempt_store(launch: LaunchInfo, timeout: timedelta) -> dist.Store:
+    """The rendezvous store at ``MASTER_ADDR:MASTER_PORT``, namespaced by torchrun's restart
+    attempt.
+
+    torchrun keeps its store alive across ``--max-restarts`` restarts; without a per-attempt
+    prefix the restarted workers read the dead workers' gloo addresses from it and fail with
+    "connectFullMesh failed ... Connection refused".
+    """
+    env = os.environ
+    if launch.world_size == 1 and not env.get("MASTER_ADDR"):
+        return dist.HashStore()  # a one-process group needs no rendezvous
+    agent_hosts = env.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), launch.world_size,
+                          is_master=launch.rank == 0 and not agent_hosts, timeout=timeout)
+    attempt = env.get("TORCHELASTIC_RESTART_COUNT", "0") or "0"
+    return dist.PrefixStore(f"dgn_dist/attempt_{attempt}", store)
+
+
 def init_distributed(backend: str = "auto", device: str = "auto",
                      timeout_s: float = 1800.0) -> DistContext:
     """Initialise the default process group once for the detected launcher.
@@ -272,8 +290,8 @@ def init_distributed(backend: str = "auto", device: str = "auto",
     elif launch.launcher == "deepspeed":
         _init_deepspeed(be, dev, timeout)
     else:
-        dist.init_process_group(backend=be, init_method="env://", rank=launch.rank,
-                                world_size=launch.world_size, timeout=timeout,
+        dist.init_process_group(backend=be, store=_attempt_store(launch, timeout),
+                                rank=launch.rank, world_size=launch.world_size, timeout=timeout,
                                 device_id=dev if dev.type == "cuda" else None)
     _CONTEXT = DistContext(launch.rank, launch.world_size, launch.local_rank, dev, be,
                            launch.launcher, launch.rank == 0)

@@ -1,0 +1,94 @@
+"""End to end under the real launchers, 2 CPU processes each (gloo): ``torchrun``,
+``accelerate launch`` (and its CPU pitfall), ``deepspeed``; and the torchrun fault test (a
+worker killed mid-run, the job restarted from the last checkpoint ends where an uninterrupted
+run ends)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from dist_helper import free_port
+
+from dgn_dist.game.training import EXPORT_NAME
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+CONFIG = ROOT / "configs" / "synthetic_smoke.toml"
+TRAIN = ["--config", str(CONFIG), "run.max_steps=6", "checkpoint.every_steps=2",
+         "data.synthetic_train_size=256", "optim.name=ekfac", "optim.lr=0.05",
+         "curvature.inverse_interval=1"]
+
+
+def _launch(cmd: list[str], extra_env: dict[str, str] | None = None,
+            timeout: float = 240.0) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONPATH": str(ROOT), **(extra_env or {})}
+    env.pop("ACCELERATE_USE_CPU", None)
+    env.update(extra_env or {})
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+def _summary(run_dir: Path, proc: subprocess.CompletedProcess[str]) -> dict[str, object]:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["dp"] == 2 and summary["steps"] == 6
+    assert proc.stdout.count("done: test acc") == 1  # rank 0 alone reports
+    return summary
+
+
+def _launcher_cmd(launcher: str, port: int) -> tuple[list[str], dict[str, str]]:
+    if launcher == "torchrun":
+        return [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(port),
+                "-m", "dgn_dist.train"], {}
+    if launcher == "accelerate":
+        return [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_port", str(port), "-m", "dgn_dist.train"], \
+            {"ACCELERATE_USE_CPU": "true"}
+    return [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port),
+            str(ROOT / "launch" / "train.py")], {"DS_ACCELERATOR": "cpu"}
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate", "deepspeed"])
+def test_launcher_trains_data_parallel(tmp_path: Path, launcher: str) -> None:
+    cmd, env = _launcher_cmd(launcher, free_port())
+    extra = ["parallel.deepspeed_config=configs/deepspeed/zero1.json"] \
+        if launcher == "deepspeed" else []
+    proc = _launch([*cmd, *TRAIN, f"run.dir={tmp_path}", *extra], env)
+    summary = _summary(tmp_path, proc)
+    assert summary["launcher"] == launcher
+    assert len(list((tmp_path / "tb").glob("events.out.tfevents.*"))) == 1
+
+
+def test_accelerate_without_cpu_variable_is_refused(tmp_path: Path) -> None:
+    cmd, _ = _launcher_cmd("accelerate", free_port())
+    proc = _launch([*cmd, *TRAIN, f"run.dir={tmp_path}"])
+    assert proc.returncode != 0
+    assert "ACCELERATE_USE_CPU=true" in proc.stderr
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_torchrun_restart_after_a_killed_worker_matches_uninterrupted(tmp_path: Path) -> None:
+    base = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--max-restarts", "1"]
+    whole = _launch([*base, "--master_port", str(free_port()), "-m", "dgn_dist.train",
+                     *TRAIN, f"run.dir={tmp_path / 'whole'}"])
+    _summary(tmp_path / "whole", whole)
+    # rank 1 SIGKILLs itself after step 5; the last checkpoint is step 4
+    faulty = _launch([*base, "--master_port", str(free_port()),
+                      str(ROOT / "tests" / "scripts" / "fault_worker.py"), "1", "5",
+                      *TRAIN, f"run.dir={tmp_path / 'faulty'}"])
+    assert faulty.returncode == 0, faulty.stdout[-3000:] + faulty.stderr[-3000:]
+    assert "resumed from" in faulty.stdout and "step-4.pt" in faulty.stdout
+    summary = json.loads((tmp_path / "faulty" / "summary.json").read_text())
+    assert summary["steps"] == 6
+    expected = torch.load(tmp_path / "whole" / EXPORT_NAME, weights_only=True)
+    got = torch.load(tmp_path / "faulty" / EXPORT_NAME, weights_only=True)
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, rtol=0, atol=0, msg=key)
