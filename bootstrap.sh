@@ -20,28 +20,31 @@ done
 install_test_extras() {
   # FFCV (tests/test_ffcv.py): Debian's pkg-config, OpenCV and turbojpeg (~840 MB, once; the
   # compiled ffcv needs them at run time too), then the ffcv extra without build isolation.
-  local ffcv_debs=(pkg-config libopencv-dev libturbojpeg0-dev) apt_log
-  if ! "$VENV/bin/python" -c "import ffcv.loader" >/dev/null 2>&1; then
-    if dpkg -s "${ffcv_debs[@]}" >/dev/null 2>&1; then
-      :
-    elif [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
-      echo "[bootstrap] skipping ffcv: installing ${ffcv_debs[*]} needs root and apt-get" \
-           "(tests/test_ffcv.py will be skipped)"
-    else
-      echo "[bootstrap] installing ${ffcv_debs[*]} with apt-get (for ffcv; once)"
-      apt_log="$(mktemp)"
-      if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-               --no-install-recommends "${ffcv_debs[@]}"; } >"$apt_log" 2>&1; then
-        tail -n 20 "$apt_log" >&2
-        echo "[bootstrap] skipping ffcv: apt-get failed (log above)"
-      fi
-      rm -f "$apt_log"
+  # SLURM (tests/test_slurm.py brings up a local cluster): slurm-wlm and munge (~5 s), plus
+  # the shellcheck linter for the slurm/ scripts. One apt-get run installs whatever is missing.
+  local ffcv_debs=(pkg-config libopencv-dev libturbojpeg0-dev) debs=(slurm-wlm munge shellcheck)
+  local have_ffcv=0 apt_log
+  if "$VENV/bin/python" -c "import ffcv.loader" >/dev/null 2>&1; then have_ffcv=1; fi
+  if [ "$have_ffcv" = 0 ]; then debs+=("${ffcv_debs[@]}"); fi
+  if dpkg -s "${debs[@]}" >/dev/null 2>&1; then
+    :
+  elif [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+    echo "[bootstrap] skipping ${debs[*]}: installing them needs root and apt-get" \
+         "(tests/test_ffcv.py and tests/test_slurm.py will skip what needs them)"
+  else
+    echo "[bootstrap] installing ${debs[*]} with apt-get (once)"
+    apt_log="$(mktemp)"
+    if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+             --no-install-recommends "${debs[@]}"; } >"$apt_log" 2>&1; then
+      tail -n 20 "$apt_log" >&2
+      echo "[bootstrap] apt-get failed (log above): the tests that need these will be skipped"
     fi
-    if dpkg -s "${ffcv_debs[@]}" >/dev/null 2>&1; then
-      echo "[bootstrap] installing the ffcv extra"
-      "$VENV/bin/python" -m pip --disable-pip-version-check --no-input -q install \
-        --no-build-isolation -e ".[ffcv]"
-    fi
+    rm -f "$apt_log"
+  fi
+  if [ "$have_ffcv" = 0 ] && dpkg -s "${ffcv_debs[@]}" >/dev/null 2>&1; then
+    echo "[bootstrap] installing the ffcv extra"
+    "$VENV/bin/python" -m pip --disable-pip-version-check --no-input -q install \
+      --no-build-isolation -e ".[ffcv]"
   fi
 }
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,32 @@ import torch
 from torch import Tensor
 
 from dgn_dist.device import is_main_process
+
+
+def wait_for_later_event_file(log_dir: Path) -> float:
+    """Sleep until a new event file in ``log_dir`` sorts after every existing one.
+
+    TensorBoard reads a folder's event files in file-name order,
+    ``events.out.tfevents.<unix seconds>.<host>.<pid>.<counter>``. A resumed session's
+    ``purge_step`` only hides the abandoned steps of files read BEFORE its own, but two files
+    written by one process within the same second are ordered by the counter as text
+    (``...10`` sorts before ``...9``). Waiting until the clock is past the newest file's
+    second makes the order follow time (at most about one second, on resume only).
+
+    Returns:
+        The seconds slept.
+    """
+    stamps = []
+    for path in log_dir.glob("events.out.tfevents.*"):
+        field = path.name.split(".")[3] if path.name.count(".") >= 3 else ""
+        if field.isdigit():
+            stamps.append(int(field))
+    if not stamps:
+        return 0.0
+    wait = max(stamps) + 1 - time.time()
+    if wait > 0:
+        time.sleep(wait)
+    return max(wait, 0.0)
 
 
 class MetricsWriter:
@@ -36,6 +63,8 @@ class MetricsWriter:
         if self.enabled:
             from torch.utils.tensorboard import SummaryWriter
 
+            if purge_step is not None:
+                wait_for_later_event_file(log_dir)
             self._writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
     def scalars(self, values: Mapping[str, float | None], step: int) -> None:

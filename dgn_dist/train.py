@@ -56,12 +56,15 @@ def _print_game(cfg: Config) -> None:
     from dgn_dist.data import build_data
     from dgn_dist.device import seed_everything
     from dgn_dist.game.builder import build_game
+    from dgn_dist.game.training import prepare_model
     from dgn_dist.models import build_model
 
     seed_everything(cfg.run.seed)
     data = build_data(cfg.data, cfg.run.seed)
     try:
         model = build_model(cfg.model, data.input_shape, data.num_classes)
+        # the game training sees: game.players_per_layer fictitious players (eq. 16)
+        model = prepare_model(cfg, model)
     except ValueError as err:  # settings the config types cannot rule out
         raise ConfigError(str(err)) from err
     game = build_game(model, alignment=cfg.game.alignment)

@@ -143,7 +143,7 @@ def global_acc_loss(stats: RunningStats, par: ParallelRun | None) -> tuple[float
 
 def _shard(dataset: Dataset, par: ParallelRun) -> Dataset:
     """Every ``dp``-th example from ``dp_rank`` on (evaluation shards)."""
-    if par.dp == 1:
+    if par.dp == 1 or not par.shard_eval:
         return dataset
     return Subset(dataset, range(par.dp_rank, len(dataset), par.dp))  # type: ignore[arg-type]
 
@@ -154,10 +154,11 @@ def _loader(dataset: Dataset, batch_size: int, cfg: Config, device: torch.device
     if cfg.data.loader == "ffcv":  # order from (run.seed, epoch); sharded across ranks
         from dgn_dist.data.ffcv import ffcv_loader
 
-        return ffcv_loader(dataset, batch_size, device, seed=cfg.run.seed,
+        dp = 1 if par is None or sampler is None else par.dp  # FFCV shards training itself
+        return ffcv_loader(dataset, batch_size // dp, device, seed=cfg.run.seed,
                            num_workers=cfg.data.num_workers,
                            epoch=None if sampler is None else sampler.epoch,
-                           start=0 if sampler is None else sampler.start)
+                           start=0 if sampler is None else sampler.start // dp)
     # An explicit generator keeps DataLoader from drawing its worker seed from the global RNG.
     if sampler is not None and par is not None:  # this dp rank's slice of each global batch
         return DataLoader(dataset, batch_sampler=ShardedBatchSampler(
@@ -247,6 +248,7 @@ def train(cfg: Config, on_step: StepHook | None = None) -> dict[str, Any]:
         raise ValueError("cfg.run.dir is empty; set run.dir (dgn-train fills in a default)")
     session_start = time.perf_counter()
     par = setup_parallel(cfg)  # before any data: bad degrees fail fast, on every rank
+    par.shard_eval = cfg.data.loader == "torch"
     cfg.run.dir = par.agree_on(cfg.run.dir)  # rank 0's (timestamped) default everywhere
     run_dir = Path(cfg.run.dir)
     main = par.is_main
@@ -312,8 +314,10 @@ def train(cfg: Config, on_step: StepHook | None = None) -> dict[str, Any]:
             _checkpoint_state(cfg, model, optimizer, scheduler, prog, par), prog.step)
 
     def run_eval() -> tuple[float, float | None]:
-        test_acc, test_loss = evaluate(model, test_loader, device, par)
-        val_acc = evaluate(model, val_loader, device, par)[0] if val_loader is not None else None
+        eval_par = par if par.shard_eval else None  # FFCV: every rank reads the whole split
+        test_acc, test_loss = evaluate(model, test_loader, device, eval_par)
+        val_acc = evaluate(model, val_loader, device, eval_par)[0] if val_loader is not None \
+            else None
         prog.best_test_acc = max(prog.best_test_acc or 0.0, test_acc)
         writer.scalars({"acc/test": test_acc, "loss/test": test_loss, "acc/val": val_acc},
                        prog.step)

@@ -112,6 +112,25 @@ def test_print_game(capsys: pytest.CaptureFixture[str]) -> None:
     assert "(1, 1, 8, 8)" in lines[0]  # the example input's state shape
 
 
+def test_print_game_shows_fictitious_players(capsys: pytest.CaptureFixture[str]) -> None:
+    """game.players_per_layer = 3: every layer appears as its three players (eq. 16), each
+    with the layer's parameter count."""
+    args = ["--config", SMOKE, "--print-game", "data.dataset=digits",
+            "model.name=digits_resnet"]
+    assert main(args) == 0
+    plain = capsys.readouterr().out.strip().splitlines()
+    assert main([*args, "game.players_per_layer=3"]) == 0
+    split = capsys.readouterr().out.strip().splitlines()
+    assert len(split) == len(plain)
+    for before, after in zip(plain, split, strict=True):
+        names = re.findall(r"([\w.]+)\[kron, g\d+, (\d+)\]", before)
+        assert names
+        for name, size in names:
+            copies = re.findall(rf"{re.escape(name)}\.players\.(\d)\[kron, g\d+, {size}\]",
+                                after)
+            assert copies == ["0", "1", "2"], (name, after)
+
+
 def test_bench_runs_one_tiny_step(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from dgn_dist import bench
 

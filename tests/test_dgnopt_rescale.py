@@ -1,8 +1,8 @@
 """Consistency rescaling of Kronecker curvature (dgn_dist.dgnopt.sweep.rescale_gains).
 
 At batch 8, below the layer widths, the Kronecker model ``A ⊗ G`` lies below the batch
-Gauss-Newton model along the step it proposes; rescaling makes the two agree along the step, and changes nothing where
-the curvature is exact (the oracle tests run with rescaling on).
+Gauss-Newton model along the step it proposes; rescaling makes the two agree along the step,
+and changes nothing where the curvature is exact (the oracle tests run with rescaling on).
 """
 
 from __future__ import annotations

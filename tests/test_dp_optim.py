@@ -17,9 +17,9 @@ from torch import nn
 
 from dgn_dist.dgnopt import DGNOpt
 from dgn_dist.distributed.dgnopt_dp import (
+    attach_data_parallel,
     average_ekfac_factors,
     average_gradients_before_step,
-    attach_data_parallel,
 )
 from dgn_dist.optim import EKFAC
 

@@ -23,7 +23,8 @@ CONFIG = Path(__file__).resolve().parent.parent / "configs" / "synthetic_smoke.t
 # deficient, so its eigenbasis inside the null space is whatever float rounding picks, and the
 # EKFAC scaling EMA carried over steps without a refresh depends on that choice (one process
 # and two replicas round differently). With a refresh every step the result is unique.
-SMALL = ["run.max_steps=4", "curvature.inverse_interval=1", "logging.log_every=2", "checkpoint.every_steps=2",
+SMALL = ["run.max_steps=4", "curvature.inverse_interval=1", "logging.log_every=2",
+         "checkpoint.every_steps=2",
          "data.synthetic_train_size=256", "data.synthetic_test_size=64", "run.quiet=true"]
 
 

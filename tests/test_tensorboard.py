@@ -85,3 +85,21 @@ def test_resume_after_a_crash_has_no_duplicate_steps(tmp_path: Path) -> None:
     train(_cfg("synthetic_smoke.toml", tmp_path, *opts, "run.resume=latest"))  # from step 20
     steps = [s for s, _ in _scalars(tmp_path)["loss/train"]]
     assert steps == list(range(1, 31))  # steps 21-25 of the crashed session are purged
+
+
+def test_resumed_event_file_sorts_after_existing_ones(tmp_path: Path) -> None:
+    """TensorBoard reads event files in name order; a resumed writer's file must come last
+    even when an existing file carries the same (here: a later) second and a counter that
+    sorts after the new one's as text -- the flake of the resume test above."""
+    import time
+
+    from dgn_dist.metrics import MetricsWriter
+
+    tmp_path.mkdir(exist_ok=True)
+    old = tmp_path / f"events.out.tfevents.{int(time.time()) + 1:010d}.host.1.99"
+    old.write_bytes(b"")
+    writer = MetricsWriter(tmp_path, True, purge_step=5)
+    writer.scalars({"x": 1.0}, 5)
+    writer.close()
+    files = sorted(p.name for p in tmp_path.glob("events.out.tfevents.*"))
+    assert len(files) == 2 and files[0] == old.name

@@ -141,12 +141,26 @@ class GameConfig:
         "preconditioner as the parameter curvature (sgd: I; rmsprop: optim.alpha/eps; adam: "
         "optim.betas/eps; ekfac: [curvature]) with the closed loop of game.info (fne/gr keep "
         "Q_theta_x; olne reproduces the baseline); overrides curvature.kind.")
+    ablation_consistency: bool = doc(
+        True, "game.ablation with fne/gr: keep the baseline's open step but scale the "
+        "curvature of the feedback K dx and of V_x/V_xx up to the per-sample Gauss-Newton "
+        "curvature (s = max(1, max_b lambda_max(Gamma_b)) per stage), so the closed loop "
+        "never over-corrects; false = the baseline's preconditioner in every term (unstable "
+        "when it lies below the Gauss-Newton curvature, e.g. SGD at a wide head).")
 
 
 @dataclass
 class ParallelConfig:
     dp: int = doc(0, "Data-parallel degree (0 = world size / pp).")
     pp: int = doc(1, "Pipeline-parallel degree (number of stage shards).")
+    micro_batches: int = doc(1, "Pipeline: micro-batches per step and dp replica (GPipe); the "
+                             "per-replica batch must be divisible by it.")
+    pipeline_mode: Literal["exact", "stale_k"] = doc(
+        "exact", "Pipeline: exact = bulk-synchronous sweep per stage (equals one process); "
+        "stale_k = the sweep propagates V_x/V_xx with the previous step's open gain k and "
+        "curvature so micro-batches stream (the update still uses the fresh k).")
+    partition: str = doc("uniform", "Pipeline: stages per pp rank: uniform, params (balance "
+                         "parameter counts) or a comma list of stage counts, e.g. '3,2'.")
     backend: Literal["auto", "gloo", "nccl"] = doc(
         "auto", "torch.distributed backend; auto = nccl on CUDA, gloo on CPU.")
     grad_worker_fraction: float = doc(

@@ -90,6 +90,9 @@ class DGNOpt(Optimizer):
         gain_scale: ``Q_θθ := Q_θθ / gain_scale`` (Fig. 6: a baseline's lr, run with lr 1).
         kl_clip: > 0: scale each step by EKFAC's KL-clipping factor
             (:func:`dgn_dist.dgnopt.baselines.kl_clip_scale`; Fig. 6 EKFAC).
+        feedback_consistency: keep the open gain but scale the curvature of the feedback and
+            value terms until it dominates the per-sample Gauss-Newton curvature
+            (:func:`dgn_dist.dgnopt.sweep.feedback_consistency_scale`; Fig. 6 lifts).
 
     Attributes:
         alignment_hook: ``None`` or an :class:`AlignmentHook` called around every step
@@ -107,7 +110,7 @@ class DGNOpt(Optimizer):
                  stats_every: int = 0, rescale: bool = True,
                  alignments: Sequence[str] | None = None, game_extended: bool = False,
                  diag_rule: DiagRule | None = None, gain_scale: float = 1.0,
-                 kl_clip: float = 0.0) -> None:
+                 kl_clip: float = 0.0, feedback_consistency: bool = False) -> None:
         check_options(lr=lr, info=info, curvature=curvature, vxx=vxx, rank=rank,
                       damping=damping, ema_decay=ema_decay, factor_interval=factor_interval,
                       inverse_interval=inverse_interval, weight_decay=weight_decay,
@@ -149,6 +152,7 @@ class DGNOpt(Optimizer):
         if kl_clip < 0:
             raise ValueError(f"kl_clip must be >= 0 (0 = off); got {kl_clip}")
         self.gain_scale, self.kl_clip = gain_scale, kl_clip
+        self.feedback_consistency = feedback_consistency
         self.last_kl_scale = 1.0
         #: Data parallelism (:mod:`dgn_dist.dgnopt.reduction`): the single-process no-op
         #: unless :func:`dgn_dist.distributed.dgnopt_dp.attach_data_parallel` replaced it.
@@ -262,7 +266,8 @@ class DGNOpt(Optimizer):
                             damping=float(group["damping"]), decay=self.ema_decay,
                             update_factors=step % self.factor_interval == 0,
                             refresh=step % self.inverse_interval == 0, record=record,
-                            rescale=self.rescale, reducer=self.reducer)
+                            rescale=self.rescale, reducer=self.reducer,
+                            consistent_feedback=self.feedback_consistency)
         stages = list(self.game.stages)
         with torch.no_grad():
             states = self.game.trajectory(x)

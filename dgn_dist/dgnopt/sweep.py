@@ -56,6 +56,9 @@ class SweepOptions:
         rescale: scale each curvature block up where its quadratic model lies below the
             batch Gauss-Newton model along its own step (:func:`rescale_gains`).
         reducer: data-parallel reductions of the batch sums (:mod:`.reduction`).
+        consistent_feedback: keep the open gain ``k`` but scale the curvature of the
+            feedback and value terms up until it dominates the per-sample Gauss-Newton
+            curvature (:func:`feedback_consistency_scale`; the Fig. 6 lift of a baseline).
     """
 
     feedback: bool
@@ -68,6 +71,7 @@ class SweepOptions:
     record: bool = False
     rescale: bool = False
     reducer: Reducer = LOCAL
+    consistent_feedback: bool = False
 
 
 @dataclass
@@ -143,6 +147,12 @@ def sweep_stage(stage: Stage, solver: StageSolver, x_t: State, vx_next: State,
     if opts.rescale and u_next is not None and views:
         k, jk_scaled = rescale_gains(stage, solver, x_t, q_theta, k, u_next, opts.reducer)
     stats: dict[str, Tensor] = {}
+    gram: Tensor | None = None
+    fb_scale: Tensor | None = None
+    if opts.consistent_feedback and opts.feedback and need_value and w is not None and views:
+        gram, fb_scale = feedback_consistency_scale(solver, batch, opts.reducer)
+        if opts.record:
+            stats["feedback_consistency"] = fb_scale.detach()
     if opts.record:
         ratio = solver.cross_ratio()
         if ratio is not None:
@@ -157,11 +167,13 @@ def sweep_stage(stage: Stage, solver: StageSolver, x_t: State, vx_next: State,
             jk = jvp_params(stage, params, x_t, directions)
         else:
             jk = tuple(torch.zeros_like(o) for o in out)
+        if fb_scale is not None:  # Q_xθ k / s: the value of the applied policy (lift)
+            jk = tuple(j / fb_scale.to(j.dtype) for j in jk)
         corr = contract_factors(u_next, jk)  # Q_xθ k before the pull-back
         vx_t = tuple(g.detach() for g in
                      vjp(out, tuple(v - c for v, c in zip(vx_next, corr, strict=False)), xs))
         assert w is not None
-        u_t, clipped = _refactor(solver, batch, w, views_present=bool(views))
+        u_t, clipped = _refactor(solver, batch, w, views_present=bool(views), gram=gram)
         if opts.record:
             stats["clipped_frac"] = clipped.to(torch.float64) / (batch.num * batch.rank)
     elif need_value and opts.use_factors:
@@ -229,6 +241,50 @@ def rescale_gains(stage: Stage, solver: StageSolver, x_t: State, q_theta: list[T
     return k, tuple(jk_total)
 
 
+#: ``p`` of the norm that bounds the maximum of the replicas' ``λ_max(Γ)`` (data parallel).
+_MAX_NORM_P = 32
+
+
+def feedback_consistency_scale(solver: StageSolver, batch: StageBatch,
+                               reducer: Reducer = LOCAL) -> tuple[Tensor, Tensor]:
+    """Scale a lifted baseline's curvature for its closed-loop terms (Fig. 6, DESIGN §2.3).
+
+    A baseline's preconditioner ``P`` (``Q_θθ := P / lr``) is not the Gauss-Newton curvature
+    ``H = F_θᵀ V_xx F_θ`` that ``Q_θx`` and ``Q_xx`` come from; along the per-sample
+    directions it can lie far below it: ``Γ_b = [<ψ_{b,i}, Q_θθ⁻¹ ψ_{b,j}>]`` has eigenvalues
+    ≫ 1 (SGD at a 320-input head, EKFAC with small damping). Then the Schur complement
+    ``Q_xx − Q_xθ Q_θθ⁻¹ Q_θx = Wᵀ (I − Γ) W`` is indefinite, ``K δx`` over-corrects by
+    ``1 − Γ`` and ``V_x = Q_x − Q_xθ k`` reverses the co-state of the earlier stages.
+
+    The closed-loop terms use ``Q̃_θθ = s Q_θθ`` with ``s = max(1, max_b λ_max(Γ_b))`` (one
+    scale per stage, the maximum over this step's samples and replicas): ``Γ/s ⪯ I``, so
+    ``V_xx = Wᵀ (I − Γ/s) W`` is PSD without clipping and ``K = Q̃_θθ⁻¹ Q_θx`` never
+    over-corrects. The open gain stays the baseline's step ``k``; under the model with
+    ``Q̃_θθ`` the value of the applied policy ``δθ = k + K δx`` is then exactly
+    ``V_x = Q_x − Q_xθ k / s`` and ``V_xx = Q_xx − Q_xθ K`` (expand
+    ``Q_xx − 2 Q_xθ K + Kᵀ Q̃_θθ K`` and ``Q_x − Q_xθ k − Kᵀ (Q_θ − Q̃_θθ k)``). With
+    ``Γ ⪯ I`` already, ``s = 1`` and nothing changes; with ``Q_θx := 0`` the run is the
+    baseline. Sets the solver's scales (every later solve of this step: ``K``, ``Γ``).
+    Over data-parallel replicas the maximum is bounded by the ``p``-norm of the replicas'
+    maxima (``p = 32``, one scalar sum; at most ``world^{1/32}`` above the maximum, so
+    ``Γ/s ⪯ I`` still holds and every replica uses the same ``s``).
+
+    Returns:
+        ``(Γ / s, s)`` with ``Γ / s`` of shape ``[B, r, r]`` for the refactorisation.
+    """
+    gram = solver.gram(batch)
+    top = torch.linalg.eigvalsh(gram.to(torch.float64))[..., -1].max() if gram.numel() \
+        else torch.zeros((), dtype=torch.float64, device=gram.device)
+    if reducer.world > 1:
+        power = (top.clamp_min(0.0) ** _MAX_NORM_P).reshape(1)
+        reducer.reduce([power], "scalar")
+        top = power[0] ** (1.0 / _MAX_NORM_P)
+    scale = top.clamp_min(1.0)
+    old = solver.scales
+    solver.set_scales([o * scale for o in old] if old else [scale] * len(solver.views))
+    return gram / scale.to(gram.dtype), scale
+
+
 def _factor_pass(stage: Stage, views: list[PlayerView], x_t: State, u_next: State,
                  batch: StageBatch, tap: PlayerTap, need_value: bool) -> State:
     """Pull the factors back through the stage in one autograd call (module docstring)."""
@@ -252,13 +308,14 @@ def _factor_pass(stage: Stage, views: list[PlayerView], x_t: State, u_next: Stat
     return tuple(g.detach().reshape(b, r, *g.shape[1:]) for g in grads[len(views):])
 
 
-def _refactor(solver: StageSolver, batch: StageBatch, w: State,
-              views_present: bool) -> tuple[State, Tensor]:
-    """``U_b^t = (I − Γ_b)^{1/2} W_b`` (clipped); returns the factors and the clip count."""
+def _refactor(solver: StageSolver, batch: StageBatch, w: State, views_present: bool,
+              gram: Tensor | None = None) -> tuple[State, Tensor]:
+    """``U_b^t = (I − Γ_b)^{1/2} W_b`` (clipped); returns the factors and the clip count.
+    ``gram``: ``Γ`` already computed under the solver's current scales (else computed)."""
     b, r = w[0].shape[0], w[0].shape[1]
     eye = torch.eye(r, dtype=w[0].dtype, device=w[0].device).expand(b, r, r)
     if not views_present:
         return w, torch.zeros((), dtype=torch.long, device=w[0].device)
-    gram = solver.gram(batch).to(w[0].dtype)
+    gram = (solver.gram(batch) if gram is None else gram).to(w[0].dtype)
     root, clipped = psd_sqrt(eye - gram)
     return tuple(torch.einsum("bij,bj...->bi...", root, x) for x in w), clipped

@@ -158,6 +158,8 @@ class ParallelRun:
         grad_clip: global gradient-norm clip (``parallel.grad_clip`` or the DeepSpeed JSON).
         counter: bytes all-reduced per category (``grad``, ``factor``, ``cross``, ...).
         mesh: the ``("pp", "dp")`` device mesh when the job has several ranks.
+        shard_eval: evaluate on a 1/dp shard per replica and sum (the torch data path);
+            False where every rank reads the whole split (FFCV).
     """
 
     ctx: DistContext
@@ -168,6 +170,7 @@ class ParallelRun:
     grad_clip: float = 0.0
     counter: ByteCounter = field(default_factory=ByteCounter)
     mesh: Any = None
+    shard_eval: bool = True
 
     @property
     def dp(self) -> int:

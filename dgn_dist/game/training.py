@@ -101,13 +101,21 @@ def _ablation_kwargs(cfg: Config) -> dict[str, Any]:
     (App. E.1) is ``Q_θθ = P / lr``, so DGNOpt runs with ``gain_scale = lr`` and ``lr = 1``:
     ``k`` is then the baseline's step itself, and ``K = lr P⁻¹ Q_θx`` and
     ``V_x = Q_x − Q_xθ k`` describe the step actually taken. EKFAC's curvature is used as is
-    (no consistency rescaling: the ablation changes nothing but ``Q_θx``), with its KL
-    clipping of the step length (``optim.ekfac_kl_clip``).
+    for ``k`` (no :func:`~dgn_dist.dgnopt.sweep.rescale_gains`: with ``Q_θx := 0`` the run is
+    the baseline), with its KL clipping of the step length (``optim.ekfac_kl_clip``).
+
+    ``game.ablation_consistency`` (default on) scales the curvature of the closed-loop
+    terms only -- ``K``, ``V_x``, ``V_xx`` -- up to the per-sample Gauss-Newton curvature
+    (:func:`~dgn_dist.dgnopt.sweep.feedback_consistency_scale`): ``P / lr`` lies far below
+    it at the DIGITS net's 320-input head (SGD: ``λ_max(Γ)`` up to 7; EKFAC with damping
+    0.01: about 100), where the unscaled lift reverses the co-state of the earlier stages
+    and over-corrects by ``1 − Γ`` (SGD diverged, EKFAC never trained).
     """
     from dgn_dist.dgnopt.baselines import DiagRule
 
     o, kind = cfg.optim, cfg.game.ablation
-    out: dict[str, Any] = {"lr": 1.0, "gain_scale": o.lr, "rescale": False}
+    out: dict[str, Any] = {"lr": 1.0, "gain_scale": o.lr, "rescale": False,
+                           "feedback_consistency": cfg.game.ablation_consistency}
     if kind == "sgd":
         return {**out, "curvature": "identity", "game_extended": cfg.game.info == "gr"}
     if kind == "rmsprop":
