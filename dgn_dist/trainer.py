@@ -135,9 +135,10 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device,
 
 def global_acc_loss(stats: RunningStats, par: ParallelRun | None) -> tuple[float, float]:
     """Accuracy (percent) and mean loss of ``stats`` summed over the dp replicas."""
-    loss_sum, correct, seen = stats.loss_sum.item(), float(stats.correct.item()), stats.seen
+    loss_sum, correct = stats.loss_sum.item(), float(stats.correct.item())
+    seen = float(stats.seen)
     if par is not None:
-        loss_sum, correct, seen = par.sum_over_dp([loss_sum, correct, float(seen)])
+        loss_sum, correct, seen = par.sum_over_dp([loss_sum, correct, seen])
     return 100.0 * correct / max(seen, 1), loss_sum / max(seen, 1)
 
 

@@ -208,12 +208,17 @@ def _lift_fast(model, game, x, y, lr: float, consistent: bool = True, **kw: obje
     return opt
 
 
+def _param_count(game, t: int) -> int:
+    """Parameters of stage ``t``'s players (the length of its stacked θ)."""
+    return sum(p.numel() for pl in game.stage_list()[t].players for p in pl.parameters())
+
+
 def _lift_case():
     from dgnopt_helpers import conv_residual, copy_model, game_of
 
     model = conv_residual()
     game = game_of(model, "second")
-    ref_model, ref_game = copy_model(model, game)
+    _, ref_game = copy_model(model, game)
     gen = torch.Generator().manual_seed(3)
     x = 2.0 * torch.randn(1, 1, 4, 4, generator=gen, dtype=torch.float64)
     return model, game, ref_game, x, torch.tensor([1])
@@ -245,13 +250,9 @@ def test_lifted_sgd_equals_dense_closed_loop() -> None:
     model, game, ref_game, x, y = _lift_case()
     opt = _lift_fast(model, game, x, y, lr, curvature="identity", weight_decay=wd)
     res, scales = _lift_oracle(ref_game, x, y, lr, lambda t: torch.ones(
-        res_dim(ref_game, t), dtype=torch.float64), wd)
+        _param_count(ref_game, t), dtype=torch.float64), wd)
     assert max(scales.values()) > 1.5  # the over-correcting regime is exercised
     _check_lift(opt, game, ref_game, res, scales)
-
-
-def res_dim(game, t: int) -> int:
-    return sum(p.numel() for pl in game.stage_list()[t].players for p in pl.parameters())
 
 
 def test_lifted_rmsprop_equals_dense_closed_loop() -> None:
@@ -264,7 +265,7 @@ def test_lifted_rmsprop_equals_dense_closed_loop() -> None:
     q_theta: dict[int, torch.Tensor] = {}
 
     def p_diag(t: int) -> torch.Tensor:
-        q = q_theta.get(t, torch.zeros(res_dim(ref_game, t), dtype=torch.float64))
+        q = q_theta.get(t, torch.zeros(_param_count(ref_game, t), dtype=torch.float64))
         return ((1.0 - alpha) * q * q).sqrt() + eps
 
     # Q_θ of stage t is F_θᵀ V_x^{t+1} (the closed-loop co-state, not the back-propagated

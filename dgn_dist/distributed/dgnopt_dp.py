@@ -85,7 +85,7 @@ class DataParallelReducer(Reducer):
     def start(self, tensors: Sequence[Tensor], category: str,
               mean: bool | Sequence[bool] = False,
               symmetric: bool | Sequence[bool] = False) -> Pending:
-        return self.averager.start(tensors, category, symmetric, mean)
+        return self.averager.start(tensors, category, symmetric, mean)  # type: ignore[return-value]
 
     def agree(self, flag: bool) -> bool:
         if self.world == 1:
@@ -105,7 +105,7 @@ class DataParallelReducer(Reducer):
         unique = list({id(f): f for f in factors}.values())
         for f in unique:
             f.refresh_eigenbasis = (  # type: ignore[method-assign]
-                lambda f=f: requested.setdefault(id(f), f))
+                lambda f=f: requested.setdefault(id(f), f))  # type: ignore[misc,assignment]
         try:
             yield
         finally:
