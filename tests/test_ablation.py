@@ -19,6 +19,8 @@ from torch import nn
 from dgn_dist.config import Config, ConfigError, load_config
 from dgn_dist.dgnopt import DGNOpt
 from dgn_dist.dgnopt.baselines import AdamBlock, DiagRule, TorchRmsBlock
+from dgn_dist.dgnopt.reduction import Reducer
+from dgn_dist.dgnopt.sweep import feedback_consistency_scale
 from dgn_dist.game.training import build_training_optimizer
 from dgn_dist.optim import EKFAC
 from dgn_dist.trainer import train
@@ -298,3 +300,46 @@ def test_ablation_consistency_switch() -> None:
     off = build_training_optimizer(_cfg("sgd", "fne", "game.ablation_consistency=false"), _net())
     assert isinstance(on, DGNOpt) and isinstance(off, DGNOpt)
     assert on.feedback_consistency and not off.feedback_consistency
+
+
+class _StubSolver:
+    """Just what :func:`feedback_consistency_scale` reads: ``gram``, ``views``, scales."""
+
+    def __init__(self, gram: torch.Tensor) -> None:
+        self._gram, self.views, self.scales = gram, [object(), object()], []
+
+    def gram(self, batch: object) -> torch.Tensor:
+        return self._gram
+
+    def set_scales(self, scales: list[torch.Tensor]) -> None:
+        self.scales = scales
+
+
+class _TwoEqualReplicas(Reducer):
+    """Two data-parallel replicas holding the same values: every sum doubles."""
+
+    world = 2
+
+    def reduce(self, tensors, category, mean=False, symmetric=False) -> None:  # type: ignore[override]
+        for t in tensors:
+            t.mul_(1.0 if mean else 2.0)
+
+
+def test_feedback_consistency_scale_bounds_the_largest_gram_eigenvalue() -> None:
+    gen = torch.Generator().manual_seed(5)
+    m = torch.randn(4, 3, 3, generator=gen, dtype=torch.float64)
+    gram = m @ m.transpose(1, 2)  # PSD per-sample blocks
+    top = float(torch.linalg.eigvalsh(gram).max())
+    assert top > 1.0
+    solver = _StubSolver(gram)
+    scaled, s = feedback_consistency_scale(solver, None)  # type: ignore[arg-type]
+    assert float(s) == pytest.approx(top, rel=1e-12)
+    assert float(torch.linalg.eigvalsh(scaled).max()) == pytest.approx(1.0, rel=1e-12)
+    assert [float(x) for x in solver.scales] == [pytest.approx(top)] * 2
+    # two replicas: the same s on both, an upper bound within 2^(1/32) of the maximum
+    _, s2 = feedback_consistency_scale(_StubSolver(gram), None,  # type: ignore[arg-type]
+                                       _TwoEqualReplicas())
+    assert float(s2) == pytest.approx(top * 2.0 ** (1 / 32), rel=1e-12)
+    # below 1 nothing is scaled
+    _, s3 = feedback_consistency_scale(_StubSolver(gram / (2 * top)), None)  # type: ignore[arg-type]
+    assert float(s3) == 1.0
