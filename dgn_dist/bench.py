@@ -14,6 +14,12 @@ Every (model, optimizer) pair runs the ordinary training step on one fixed synth
   is built -- the same quantities plus allocator slack; ``nan`` where the kernel does not
   allow the reset. ``tracemalloc`` does not see torch's allocations and is not used.
 
+Monitoring: ``--stats-every N`` runs with ``logging.curvature_every = N`` and reads the
+optimizer's curvature statistics (and eigenvalue histograms) every ``N`` steps inside the timed
+step, as the trainer does; the default 0 measures the optimizer with monitoring off.
+``--profile K`` adds, per pair, the ``K`` most expensive operators of two further steps
+(``torch.profiler``, self CPU time, and CUDA time on a GPU).
+
 Input shapes: digits_resnet 1x8x8, mnist_resnet 1x28x28, svhn_resnet 3x32x32, resnet18 and
 the rest 3x32x32 (CIFAR).
 """
@@ -105,12 +111,14 @@ class MemoryProbe:
 
 
 def measure(model_name: str, optim_name: str, batch_size: int, steps: int, warmup: int,
-            device: Any) -> Result:
-    """Time ``steps`` training steps of one (model, optimizer) pair after ``warmup`` steps."""
+            device: Any, stats_every: int = 0, profile: int = 0) -> Result:
+    """Time ``steps`` training steps of one (model, optimizer) pair after ``warmup`` steps
+    (module docstring for ``stats_every`` and ``profile``)."""
     import torch
     import torch.nn.functional as F
 
     from dgn_dist.config import Config
+    from dgn_dist.metrics import curvature_histograms, curvature_scalars
     from dgn_dist.models import build_model
     from dgn_dist.optim import build_optimizer
 
@@ -129,25 +137,48 @@ def measure(model_name: str, optim_name: str, batch_size: int, steps: int, warmu
     cfg.model.name = model_name  # type: ignore[assignment]
     cfg.optim.name = optim_name  # type: ignore[assignment]
     cfg.optim.lr = 0.01
+    cfg.logging.curvature_every = stats_every
     model = build_model(cfg.model, shape, NUM_CLASSES).to(device)
     optimizer = build_optimizer(cfg, model)
     x = torch.randn(batch_size, *shape, device=device)
     y = torch.randint(0, NUM_CLASSES, (batch_size,), device=device)
     times = []
-    for i in range(warmup + steps):
-        sync()
-        start = time.perf_counter()
+
+    def one_step(i: int) -> None:
         loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if stats_every and (i + 1) % stats_every == 0:
+            curvature_scalars(optimizer)
+            [v.cpu() for v in curvature_histograms(optimizer).values()]
+
+    for i in range(warmup + steps):
+        sync()
+        start = time.perf_counter()
+        one_step(i)
         sync()
         if i >= warmup:
             times.append(1000.0 * (time.perf_counter() - start))
     peak = probe.peak_mib()
-    del model, optimizer, x, y
+    if profile:
+        print(profile_table(lambda: [one_step(warmup + steps + i) for i in range(2)],
+                            device, profile, f"{model_name} / {optim_name}"), flush=True)
     return Result(model_name, optim_name, statistics.median(times), statistics.fmean(times),
                   peak)
+
+
+def profile_table(run: Any, device: Any, rows: int, title: str) -> str:
+    """The ``rows`` most expensive operators of ``run()`` (self CPU time, CUDA on a GPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA]
+                                           if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        run()
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return f"profile of 2 steps, {title}:\n" + prof.key_averages().table(sort_by=key,
+                                                                        row_limit=rows)
 
 
 def add_ratios(results: list[Result]) -> None:
@@ -211,6 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="default: %(default)s (cuda when available)")
     parser.add_argument("--json", metavar="OUT", default=None, help="also write the results "
                         "as JSON to OUT")
+    parser.add_argument("--stats-every", type=int, default=0, metavar="N",
+                        help="read curvature statistics and eigenvalue histograms every N "
+                        "steps, inside the timed step (default: 0 = monitoring off)")
+    parser.add_argument("--profile", type=int, default=0, metavar="K",
+                        help="print the K most expensive operators of two extra steps per "
+                        "pair (torch.profiler; default: 0 = no profile)")
     return parser
 
 
@@ -221,7 +258,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:
         return int(exit_.code or 0)
     for flag, value, low in (("--batch-size", args.batch_size, 1), ("--steps", args.steps, 1),
-                             ("--warmup", args.warmup, 0)):
+                             ("--warmup", args.warmup, 0),
+                             ("--stats-every", args.stats_every, 0),
+                             ("--profile", args.profile, 0)):
         if value < low:
             print(f"error: {flag} must be >= {low}, got {value}", file=sys.stderr)
             return 2
@@ -243,7 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for optim_name in optimizers:
             try:
                 results.append(measure(model_name, optim_name, args.batch_size, args.steps,
-                                       args.warmup, device))
+                                       args.warmup, device, args.stats_every, args.profile))
             except (ImportError, ValueError, RuntimeError, KeyError) as err:
                 note = f"skipped: {type(err).__name__}: {str(err).splitlines()[0][:80]}"
                 results.append(Result(model_name, optim_name, math.nan, math.nan, math.nan,
@@ -251,11 +290,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_ratios(results)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"dgn-bench on {name} (torch {torch.__version__}, {torch.get_num_threads()} "
-          f"threads), batch {args.batch_size}, {args.steps} timed steps after {args.warmup}")
+          f"threads), batch {args.batch_size}, {args.steps} timed steps after {args.warmup}"
+          f", stats every {args.stats_every or 'never'}")
     print(format_table(results))
     if args.json:
         payload = {"device": name, "torch": torch.__version__, "batch_size": args.batch_size,
                    "steps": args.steps, "warmup": args.warmup,
+                   "stats_every": args.stats_every,
                    "memory": "cuda max_memory_allocated" if device.type == "cuda"
                    else "peak RSS growth (VmHWM)",
                    "results": [_json_row(r) for r in results]}

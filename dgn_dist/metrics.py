@@ -75,6 +75,16 @@ class MetricsWriter:
             if value is not None and math.isfinite(float(value)):
                 self._writer.add_scalar(tag, float(value), global_step=step)
 
+    def histograms(self, values: Mapping[str, Tensor], step: int) -> None:
+        """Write one histogram per tag (finite entries only; empty tensors are skipped)."""
+        if self._writer is None:
+            return
+        for tag, value in values.items():
+            data = value.detach().reshape(-1).double().cpu()
+            data = data[torch.isfinite(data)]
+            if data.numel():
+                self._writer.add_histogram(tag, data, global_step=step)
+
     def custom_scalars(self, layout: Mapping[str, Any]) -> None:
         """Write a custom-scalars layout (:mod:`dgn_dist.dashboard`) into the event file."""
         if self._writer is not None:
@@ -132,6 +142,14 @@ def curvature_scalars(optimizer: object) -> dict[str, float]:
     """``optimizer.curvature_stats()`` when the optimizer reports curvature, else ``{}``."""
     stats = getattr(optimizer, "curvature_stats", None)
     return {k: float(v) for k, v in stats().items()} if callable(stats) else {}
+
+
+def curvature_histograms(optimizer: object) -> dict[str, Tensor]:
+    """``optimizer.curvature_eigenvalues()`` (``curvature/<player>/{A,G}_eig``) when the
+    optimizer has Kronecker factors, else ``{}``. Called only on ``logging.hist_every`` steps:
+    nothing is computed otherwise (the eigenvalues are those of the last refresh)."""
+    eigs = getattr(optimizer, "curvature_eigenvalues", None)
+    return dict(eigs()) if callable(eigs) else {}
 
 
 def log(message: str) -> None:

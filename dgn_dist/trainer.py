@@ -62,6 +62,7 @@ from dgn_dist.distributed.training import (
 from dgn_dist.metrics import (
     MetricsWriter,
     RunningStats,
+    curvature_histograms,
     curvature_scalars,
     epoch_line,
     log,
@@ -400,6 +401,9 @@ def train(cfg: Config, on_step: StepHook | None = None) -> dict[str, Any]:
                         curv_stats = curvature_scalars(optimizer)
                         writer.scalars(curv_stats, prog.step)
                         dashboard.observe(curv_stats)
+                    hist = cfg.logging.hist_every  # eigenvalue histograms (issue 3, item 5)
+                    if hist and prog.step % hist == 0:
+                        writer.histograms(curvature_histograms(optimizer), prog.step)
                     every = cfg.checkpoint.every_steps
                     if every and prog.step % every == 0:
                         save()

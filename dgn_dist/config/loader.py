@@ -161,6 +161,7 @@ def _validate_ranges(cfg: Config) -> None:
         (cfg.parallel.timeout_s > 0, "parallel.timeout_s must be > 0"),
         (cfg.logging.log_every >= 1, "logging.log_every must be >= 1"),
         (cfg.logging.curvature_every >= 0, "logging.curvature_every must be >= 0"),
+        (cfg.logging.hist_every >= 0, "logging.hist_every must be >= 0 (0 = never)"),
         (cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps must be >= 0"),
         (cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last must be >= 1"),
     ]
@@ -170,6 +171,58 @@ def _validate_ranges(cfg: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+
+
+#: Curvature kind of DGNOpt under each ``game.ablation`` (``none``: ``curvature.kind``).
+_ABLATION_CURVATURE = {"sgd": "identity", "rmsprop": "diag", "adam": "diag", "ekfac": "ekfac"}
+#: DGNOpt curvatures with a cooperative (``game.info = 'gr'``) form.
+_COOPERATIVE = ("identity", "kfac", "ekfac")
+
+
+def _validate_combinations(cfg: Config) -> None:
+    """Settings that are valid one by one but cannot train together (the optimizer and
+    game builders would reject them after data and model are built)."""
+    o, c, g = cfg.optim, cfg.curvature, cfg.game
+    if g.ablation != "none" and o.name != "dgnopt":
+        raise ConfigError(f"game.ablation='{g.ablation}' runs the {g.ablation} preconditioner "
+                          f"inside DGNOpt: set optim.name='dgnopt' (got '{o.name}') and give "
+                          "the baseline's lr and settings in [optim]")
+    if g.alignment_strategy != "fixed" and o.name != "dgnopt":
+        raise ConfigError(f"game.alignment_strategy='{g.alignment_strategy}' needs "
+                          f"optim.name='dgnopt'; '{o.name}' does not see alignments (Fig. 8a): "
+                          "use game.alignment_strategy='fixed'")
+    if g.reward_batch_size < 1:
+        raise ConfigError(f"game.reward_batch_size must be >= 1; got {g.reward_batch_size}")
+    if g.players_per_layer > 1 and o.name not in ("dgnopt", "sgd"):
+        raise ConfigError(f"game.players_per_layer={g.players_per_layer} needs optim.name "
+                          f"'sgd' (game-extended SGD) or 'dgnopt'; '{o.name}' has no "
+                          "game-extended form: use game.players_per_layer=1")
+    if g.players_per_layer > 1 and o.name == "sgd" and o.momentum != 0:
+        raise ConfigError("game-extended SGD (optim.name='sgd', game.players_per_layer > 1) "
+                          f"has no momentum; set optim.momentum=0 (got {o.momentum})")
+    if o.name == "ekfac":
+        if c.kind not in ("kfac", "ekfac"):
+            raise ConfigError(f"optim.name='ekfac' needs curvature.kind 'kfac' or 'ekfac'; got "
+                              f"'{c.kind}'")
+        if c.damping <= 0:
+            raise ConfigError(f"curvature.damping must be > 0 for optim.name='ekfac' (got "
+                              f"{c.damping})")
+    if o.name != "dgnopt":
+        return
+    kind = _ABLATION_CURVATURE.get(g.ablation, c.kind)
+    source = f"game.ablation='{g.ablation}'" if g.ablation != "none" \
+        else f"curvature.kind='{c.kind}'"
+    if g.info == "gr" and kind not in _COOPERATIVE:
+        raise ConfigError(
+            f"game.info='gr' needs a curvature with a cooperative form: {source} gives the "
+            f"'{kind}' curvature, which has none. Valid: curvature.kind one of "
+            f"{', '.join(_COOPERATIVE)} (game.ablation 'none', 'sgd' or 'ekfac') with "
+            "game.info='gr', or game.info 'fne' or 'olne'")
+    if kind != "identity" and c.damping <= 0:
+        raise ConfigError(f"curvature.damping must be > 0 for optim.name='dgnopt' with the "
+                          f"'{kind}' curvature ({source}; it can be singular); got "
+                          f"{c.damping}. Valid: curvature.damping > 0, or curvature.kind="
+                          "'identity'")
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
@@ -184,6 +237,7 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
         for key, value in values.items():
             setattr(target, key, _coerce(f"{section}.{key}", _field_type(section, key), value))
     _validate_ranges(cfg)
+    _validate_combinations(cfg)
     return cfg
 
 

@@ -191,6 +191,9 @@ class LoggingConfig:
     tensorboard: bool = doc(True, "Write TensorBoard event files into the run directory.")
     log_every: int = doc(10, "Write step scalars every N steps.")
     curvature_every: int = doc(50, "Write curvature statistics every N steps (0 = never).")
+    hist_every: int = doc(0, "Write histograms of the Kronecker factors' eigenvalues "
+                          "(curvature/<player>/{A,G}_eig; dgnopt, ekfac) every N steps "
+                          "(0 = never).")
 
 
 @dataclass

@@ -29,49 +29,19 @@ per-sample gradients ``ψ``).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from dgn_dist.dgnopt.players import PlayerView
 from dgn_dist.dgnopt.reduction import Stat
-from dgn_dist.optim.kronecker import KroneckerFactor, Mode, stat_dtype
+from dgn_dist.dgnopt.stage_batch import PsiChunk, StageBatch
+from dgn_dist.optim.kronecker import KroneckerFactor, Mode, projected_per_example, stat_dtype
 
 Native = dict[int, Tensor]
-
-
-@dataclass
-class StageBatch:
-    """What the sweep measured at one stage (indices are the stage's solver players).
-
-    Attributes:
-        num: samples ``B``.
-        rank: factors per sample ``r``.
-        q_theta: ``Q_θ`` per player, native form.
-        a: Kronecker players: input rows ``[B L, d_in]``; diagonal players: ``x̂ [B, C, ...]``.
-        g: output-side vectors of the ``V_xx`` factors (``None`` without a factor pass):
-            Kronecker ``[B r L, d_out]``, diagonal ``[B r, C, ...]``.
-    """
-
-    num: int
-    rank: int
-    q_theta: list[Tensor]
-    a: list[Tensor | None]
-    g: list[Tensor | None]
-
-    def psi(self, view: PlayerView, n: int, start: int, stop: int) -> Tensor:
-        """Per-sample gradients of player ``n`` for samples ``[start, stop)``:
-        ``[(stop - start) r, *native]``."""
-        a, g = self.a[n], self.g[n]
-        if a is None or g is None:
-            raise RuntimeError(f"player {view.name}: per-sample gradients need the factor pass")
-        r, num = self.rank, stop - start
-        if view.kron:
-            locs = a.shape[0] // self.num
-            return view.per_sample(num, r, a[start * locs:stop * locs],
-                                   g[start * r * locs:stop * r * locs])
-        return view.per_sample(num, r, a[start:stop], g[start * r:stop * r])
+#: Largest number of projected per-sample gradient elements a Kronecker block keeps between
+#: the EKFAC scaling update and the Gram matrix of the same step (else it recomputes them).
+PROJ_CACHE = 1 << 27
 
 
 def _ema(old: Tensor | None, new: Tensor, decay: float) -> Tensor:
@@ -221,6 +191,11 @@ class KronBlock(Block):
         self.factor = KroneckerFactor(mode)
         self.widths: list[int] = [int(v.theta().shape[1]) for v in self.views]
         self._acc: Tensor | None = None
+        #: Keep this step's projected per-sample gradients for :meth:`gram_chunk` (set by
+        #: the solver when a Gram matrix follows; up to ``PROJ_CACHE`` elements).
+        self.keep_projections = False
+        self._proj: Tensor | None = None
+        self._building: Tensor | None = None
 
     def rows(self, batch: StageBatch) -> tuple[Tensor, Tensor]:
         """Joint input rows and mean output rows of this step."""
@@ -277,14 +252,71 @@ class KronBlock(Block):
     def split(self, joint: Tensor) -> Native:
         return dict(zip(self.members, torch.split(joint, self.widths, dim=-1), strict=False))
 
-    def psi_stats(self, psis: Native) -> None:
-        f = self.factor
+    def projected(self, chunk: PsiChunk) -> Tensor:
+        """``Q_Gᵀ ψ_{b,i} Q_A`` of the chunk's samples, ``[num, r, d_out, d_in]``, from the
+        rows (:func:`~dgn_dist.optim.kronecker.projected_per_example`; the joint ``ψ`` is
+        ``[ψ_1 | ψ_2 | ...]``, so each member contributes through its rows of ``Q_A``)."""
+        cached = self._proj
+        if cached is not None:
+            return cached[chunk.start:chunk.stop]
+        f, batch = self.factor, chunk.batch
         assert f.q_a is not None and f.q_g is not None
-        proj = f.q_g.T @ self.joint(psis).to(f.q_g.dtype) @ f.q_a
+        num, r = chunk.stop - chunk.start, batch.rank
+        proj: Tensor | None = None
+        offset = 0
+        for n, width in zip(self.members, self.widths, strict=True):
+            a, g = batch.a[n], batch.g[n]
+            if a is None or g is None:
+                raise RuntimeError(f"player {self.views[0].name}: per-sample gradients need "
+                                   "the factor pass")
+            locs = a.shape[0] // batch.num
+            part = projected_per_example(
+                a[chunk.start * locs:chunk.stop * locs],
+                g[chunk.start * r * locs:chunk.stop * r * locs], num,
+                f.q_a[offset:offset + width], f.q_g)
+            proj = part if proj is None else proj + part
+            offset += width
+        assert proj is not None
+        return proj
+
+    def _keep(self, chunk: PsiChunk, proj: Tensor) -> None:
+        """Store a chunk's projections when the whole batch fits in ``PROJ_CACHE``."""
+        batch = chunk.batch
+        if not self.keep_projections or batch.num * proj[0].numel() > PROJ_CACHE:
+            return
+        if chunk.start == 0:
+            self._building = proj.new_empty(batch.num, *proj.shape[1:])
+        building = self._building
+        if building is None:
+            return
+        building[chunk.start:chunk.stop] = proj
+        if chunk.stop == batch.num:
+            self._proj, self._building = building, None
+
+    def release(self) -> None:
+        """Drop the kept projections (end of the stage's sweep)."""
+        self._proj, self._building = None, None
+
+    def psi_stats(self, psis: Native) -> None:
         if self.zero_cross and len(self.widths) > 1:
             raise ValueError("ekfac with zero_cross on a joint block is not supported")
-        sq = (proj ** 2).sum(0)
+        f = self.factor
+        assert f.q_a is not None and f.q_g is not None
+        if isinstance(psis, PsiChunk):
+            proj = self.projected(psis)
+            self._keep(psis, proj)
+            sq = proj.square().sum((0, 1))
+        else:
+            sq = (f.q_g.T @ self.joint(psis).to(f.q_g.dtype) @ f.q_a).square().sum(0)
         self._acc = sq if self._acc is None else self._acc + sq
+
+    def gram_chunk(self, chunk: PsiChunk, coef: Tensor | float) -> Tensor:
+        """``coef · <ψ_{b,i}, (A ⊗ G + λ)⁻¹ ψ_{b,j}>`` for the chunk's samples, ``[num, r, r]``:
+        in the eigenbasis ``Σ P_{b,i} P_{b,j} / (S + λ)`` with ``P`` the projections (the
+        orthogonal back-projection of :meth:`solve_joint` cancels in the inner product)."""
+        proj = self.projected(chunk).flatten(2)  # [num, r, d_out * d_in]
+        weight = (coef / (self.factor.eigen_scale() + self.damping)).reshape(-1)
+        return (proj * weight.to(proj.dtype)) @ proj.transpose(1, 2)
 
     def psi_accumulators(self) -> list[Tensor]:
         return [] if self._acc is None else [self._acc]

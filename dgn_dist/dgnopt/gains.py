@@ -29,6 +29,7 @@ from dgn_dist.dgnopt.blocks import (
     IdentityBlock,
     KronBlock,
     Native,
+    PsiChunk,
     RmsDiagBlock,
     StageBatch,
 )
@@ -126,17 +127,26 @@ class StageSolver:
         return (self.curvature in ("kfac", "ekfac") or self.game_extended) and bool(self.views)
 
     def update(self, batch: StageBatch, *, decay: float, update_factors: bool, refresh: bool,
-               damping: float, weight_decay: float, reducer: Reducer = LOCAL) -> None:
+               damping: float, weight_decay: float, reducer: Reducer = LOCAL,
+               keep_projections: bool = False) -> None:
         """Fold this step's statistics into every block and refresh eigenbases on schedule.
 
         With data parallelism (``reducer``) the blocks' batch statistics are reduced over the
         replicas in one bucketed call before they are folded, the eigendecompositions may be
         spread over the replicas, and the per-sample sums are reduced before they are folded.
 
+        ``keep_projections``: a :meth:`gram` of this batch follows; Kronecker blocks keep the
+        per-sample projections of the EKFAC scaling for it (memory permitting) until
+        :meth:`release`.
+
         Raises:
             NonFiniteUpdate: a statistic of this step is not finite on some replica (nothing
                 is folded in; every replica raises).
         """
+        self.release()
+        for blk in self.blocks:  # cooperative pairs solve the Gram matrix through CG instead
+            if isinstance(blk, KronBlock):
+                blk.keep_projections = keep_projections
         tensors = [t for t in (*batch.q_theta, *batch.a, *batch.g) if t is not None]
         finite = not tensors or bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
         if not reducer.agree(finite):
@@ -162,13 +172,28 @@ class StageSolver:
         for blk in psi_blocks:
             blk.end_psi_stats(decay)
 
-    def iter_psi(self, batch: StageBatch, members: Sequence[int]) -> Iterator[Native]:
-        """Per-sample gradients of ``members`` in chunks of samples (bounded memory)."""
+    def iter_psi(self, batch: StageBatch, members: Sequence[int]) -> Iterator[PsiChunk]:
+        """Per-sample gradients of ``members`` in chunks of samples (bounded memory), built
+        lazily: Kronecker blocks project the rows instead (:meth:`KronBlock.projected`)."""
         per_sample = sum(int(self.views[n].theta().numel()) for n in members) * batch.rank
         chunk = max(1, PSI_CHUNK // max(per_sample, 1))
         for start in range(0, batch.num, chunk):
-            stop = min(batch.num, start + chunk)
-            yield {n: batch.psi(self.views[n], n, start, stop) for n in members}
+            yield PsiChunk(batch, self.views, members, start, min(batch.num, start + chunk))
+
+    def _kron_blocks(self) -> list[KronBlock]:
+        """Every :class:`KronBlock`, those inside cooperative pairs included."""
+        out: list[KronBlock] = []
+        for blk in self.blocks:
+            if isinstance(blk, KronBlock):
+                out.append(blk)
+            elif isinstance(blk, CoopPairBlock):
+                out.extend((blk.u, blk.v))
+        return out
+
+    def release(self) -> None:
+        """Drop per-sample projections kept for :meth:`gram`."""
+        for kron in self._kron_blocks():
+            kron.release()
 
     # -- solves ------------------------------------------------------------------------
     def open_rhs(self, q_theta: Sequence[Tensor]) -> list[Tensor]:
@@ -221,21 +246,41 @@ class StageSolver:
         return units
 
     def gram(self, batch: StageBatch) -> Tensor:
-        """Per-sample Gram blocks ``Γ_b = [<ψ_{b,i}, Q_θθ⁻¹ ψ_{b,j}>]_{ij}``, ``[B, r, r]``."""
+        """Per-sample Gram blocks ``Γ_b = [<ψ_{b,i}, Q_θθ⁻¹ ψ_{b,j}>]_{ij}``, ``[B, r, r]``.
+
+        ``Q_θθ`` is block diagonal over the curvature blocks, so ``Γ`` is a sum over blocks.
+        A Kronecker block whose members share one consistency scale contributes
+        ``Σ P_{b,i} P_{b,j} / (S + λ)`` from its projections (:meth:`KronBlock.gram_chunk`);
+        the others go through their solve. Releases the kept projections."""
         r = batch.rank
         members = list(range(len(self.views)))
+        scales = self.scales
         parts = []
         for psis in self.iter_psi(batch, members):
-            num = next(iter(psis.values())).shape[0] // r
-            sol = self.solve([psis[n] for n in members])
-            g = None
-            for n in members:
-                x = psis[n].reshape(num, r, -1)
-                y = sol[n].reshape(num, r, -1).to(x.dtype)
-                term = torch.einsum("bid,bjd->bij", x, y)
-                g = term if g is None else g + term
-            assert g is not None
+            num = psis.stop - psis.start
+            g: Tensor | None = None
+            for blk in self.blocks:
+                if isinstance(blk, KronBlock) and (
+                        not scales or all(scales[n] is scales[blk.members[0]]
+                                          for n in blk.members)):
+                    coef = self.gain_scale / scales[blk.members[0]] if scales \
+                        else self.gain_scale
+                    term = blk.gram_chunk(psis, coef).to(batch.q_theta[0].dtype)
+                else:
+                    sol = blk.solve({n: psis[n] for n in blk.members})
+                    term = None
+                    for n in blk.members:
+                        x = psis[n].reshape(num, r, -1)
+                        y = sol[n] / scales[n].to(sol[n].dtype) if scales else sol[n]
+                        y = (y * self.gain_scale).reshape(num, r, -1).to(x.dtype)
+                        t = torch.einsum("bid,bjd->bij", x, y)
+                        term = t if term is None else term + t
+                if term is not None:
+                    g = term if g is None else g + term
+            if g is None:
+                g = batch.q_theta[0].new_zeros(num, r, r)
             parts.append((g + g.transpose(1, 2)) / 2)
+        self.release()
         return torch.cat(parts)
 
     def cross_ratio(self) -> Tensor | None:

@@ -10,6 +10,10 @@ Tags are namespaced (issue 3, item 5):
   and their ratio;
 * ``coop/<stage>/cross_ratio``: ``‖P_uv l‖ / ‖P_u‖`` of the cooperative open-gain solve.
 
+Eigenvalue histograms ``curvature/<player>/{A,G}_eig`` come from
+:meth:`~dgn_dist.dgnopt.optimizer.DGNOpt.curvature_eigenvalues` (the last eigenbasis refresh),
+written by the trainer every ``logging.hist_every`` steps.
+
 Recording happens only on steps the optimizer was asked to record (``stats_every``); values are
 kept as 0-d tensors and converted to floats only when :func:`to_floats` is called, so recording
 adds no device synchronisation to the step.

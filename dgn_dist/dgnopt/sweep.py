@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from dgn_dist.dgnopt.autodiff import jvp_params, vjp
 from dgn_dist.dgnopt.blocks import StageBatch
@@ -140,12 +141,13 @@ def sweep_stage(stage: Stage, solver: StageSolver, x_t: State, vx_next: State,
                                                                         strict=True)]
     solver.update(batch, decay=opts.decay, update_factors=opts.update_factors,
                   refresh=opts.refresh, damping=opts.damping, weight_decay=opts.weight_decay,
-                  reducer=opts.reducer)
+                  reducer=opts.reducer, keep_projections=need_value and opts.feedback)
     solver.reset_scales()
     k = solver.solve(solver.open_rhs(q_theta))
     jk_scaled: State | None = None
     if opts.rescale and u_next is not None and views:
-        k, jk_scaled = rescale_gains(stage, solver, x_t, q_theta, k, u_next, opts.reducer)
+        k, jk_scaled = rescale_gains(stage, solver, x_t, q_theta, k, u_next, opts.reducer,
+                                     batch=batch, need_jk=need_value and opts.feedback)
     stats: dict[str, Tensor] = {}
     gram: Tensor | None = None
     fb_scale: Tensor | None = None
@@ -182,8 +184,9 @@ def sweep_stage(stage: Stage, solver: StageSolver, x_t: State, vx_next: State,
 
 
 def rescale_gains(stage: Stage, solver: StageSolver, x_t: State, q_theta: list[Tensor],
-                  k: list[Tensor], u_next: State,
-                  reducer: Reducer = LOCAL) -> tuple[list[Tensor], State]:
+                  k: list[Tensor], u_next: State, reducer: Reducer = LOCAL, *,
+                  batch: StageBatch | None = None,
+                  need_jk: bool = True) -> tuple[list[Tensor], State | None]:
     """Keep each block's quadratic model at or above the batch Gauss-Newton model.
 
     A Kronecker (or EMA) curvature can lie far below the batch's Gauss-Newton curvature
@@ -198,26 +201,38 @@ def rescale_gains(stage: Stage, solver: StageSolver, x_t: State, q_theta: list[T
     matrix of the propagated factors, ``s = 1`` (both sides are equal).
 
     The batch sums ``Σ_{b,i} <u_{b,i}, (J_θ k)_b>²`` of all units are summed over the
-    data-parallel replicas in one reduction (``reducer``).
+    data-parallel replicas in one reduction (``reducer``). With the factor pass's rows
+    (``batch``) the inner products are ``<ψ_{b,i}, k>`` (``ψ = F_θᵀ u``, :func:`_psi_dots`) and
+    one JVP along the rescaled ``k`` replaces one JVP per unit, unless BatchNorm couples the
+    samples of the stage (then ``<ψ_{b,i}, k>`` is not ``<u_{b,i}, (J_θ k)_b>``).
 
     Returns:
-        The rescaled gains and ``J_θ k`` for them (reused by the ``V_x`` update).
+        The rescaled gains and ``J_θ k`` for them (reused by the ``V_x`` update; ``None``
+        with ``need_jk=False`` on the rows path).
     """
     views = solver.views
     params = [p for v in views for p in v.params]
     scales: list[Tensor] = [torch.ones((), dtype=torch.float64)] * len(views)
     jk_total: list[Tensor] | None = None
     units = solver.rescale_units()
-    jks, sums = [], []
+    rows = batch is not None and not _couples_samples(stage) and all(
+        batch.a[n] is not None and batch.g[n] is not None for n in range(len(views)))
+    jks: list[State | None] = []
+    sums = []
     for members, _ in units:
-        directions = [d for n, v in enumerate(views) for d in
-                      (v.from_native(k[n]) if n in members else
-                       [torch.zeros_like(p) for p in v.params])]
-        jk = jvp_params(stage, params, x_t, directions)
-        coef = sum(torch.einsum("bi...,b...->bi", u, j) for u, j in
-                   zip(u_next, jk, strict=False))
+        if rows:
+            assert batch is not None
+            coef = sum(_psi_dots(batch, views[n], n, k[n]) for n in members)
+            jks.append(None)
+        else:
+            directions = [d for n, v in enumerate(views) for d in
+                          (v.from_native(k[n]) if n in members else
+                           [torch.zeros_like(p) for p in v.params])]
+            jk = jvp_params(stage, params, x_t, directions)
+            coef = sum(torch.einsum("bi...,b...->bi", u, j) for u, j in
+                       zip(u_next, jk, strict=False))
+            jks.append(jk)
         assert isinstance(coef, Tensor)
-        jks.append(jk)
         sums.append((coef.to(torch.float64) ** 2).sum())
     gn_sums = torch.stack(sums)
     reducer.reduce([gn_sums], "scalar")
@@ -230,15 +245,42 @@ def rescale_gains(stage: Stage, solver: StageSolver, x_t: State, q_theta: list[T
         ok = bool(model_quad > 0) and bool(torch.isfinite(batch_quad))
         scale = (batch_quad / model_quad).clamp_min(1.0) if ok else \
             torch.ones((), dtype=torch.float64, device=gn_sum.device)
-        scaled = [j / scale.to(j.dtype) for j in jk]
-        jk_total = scaled if jk_total is None else [a + b for a, b in
-                                                     zip(jk_total, scaled, strict=True)]
+        if jk is not None:
+            scaled = [j / scale.to(j.dtype) for j in jk]
+            jk_total = scaled if jk_total is None else [a + b for a, b in
+                                                         zip(jk_total, scaled, strict=True)]
         for n in members:
             scales[n] = scale
             k[n] = k[n] / scale.to(k[n].dtype)
     solver.set_scales(scales)
+    if rows:
+        if not need_jk:
+            return k, None
+        return k, jvp_params(stage, params, x_t, [d for n, v in enumerate(views)
+                                                  for d in v.from_native(k[n])])
     assert jk_total is not None
     return k, tuple(jk_total)
+
+
+def _couples_samples(stage: Stage) -> bool:
+    """A BatchNorm layer with batch statistics mixes the samples: ``(J_θ k)_b`` then depends on
+    every sample and ``<u_{b,i}, (J_θ k)_b>`` is not the per-sample ``<ψ_{b,i}, k>``."""
+    return any(isinstance(m, _BatchNorm) and (m.training or m.running_mean is None)
+               for m in stage.modules())
+
+
+def _psi_dots(batch: StageBatch, view: PlayerView, n: int, k_n: Tensor) -> Tensor:
+    """``<ψ_{b,i}, k_n> = <u_{b,i}, (J_θ k_n)_b>`` of player ``n``, ``[B, r]``, from its rows:
+    Kronecker ``Σ_l <g_{b,i,l}, k_n a_{b,l}>``, BatchNorm from its per-sample gradients."""
+    a, g = batch.a[n], batch.g[n]
+    assert a is not None and g is not None
+    num, r = batch.num, batch.rank
+    if view.kron:
+        locs = a.shape[0] // num
+        out_rows = (a @ k_n.to(a.dtype).T).reshape(num, 1, locs, -1)
+        return (g.reshape(num, r, locs, -1) * out_rows).sum((2, 3))
+    psi = view.per_sample(num, r, a, g)
+    return (psi @ k_n.to(psi.dtype)).reshape(num, r)
 
 
 #: ``p`` of the norm that bounds the maximum of the replicas' ``λ_max(Γ)`` (data parallel).

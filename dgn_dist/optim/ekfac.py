@@ -216,6 +216,16 @@ class EKFAC(torch.optim.Optimizer):
             out[f"curvature/{name}/damping"] = self.damping
         return out
 
+    def curvature_eigenvalues(self) -> dict[str, Tensor]:
+        """Eigenvalues of every layer's factors (``curvature/<layer>/{A,G}_eig``), from the
+        last eigenbasis refresh, for TensorBoard histograms."""
+        out: dict[str, Tensor] = {}
+        for name, factor in self.factors.items():
+            if factor.eig_a is not None and factor.eig_g is not None:
+                out[f"curvature/{name}/A_eig"] = factor.eig_a.detach()
+                out[f"curvature/{name}/G_eig"] = factor.eig_g.detach()
+        return out
+
     def state_dict(self) -> dict[str, Any]:
         """torch's optimizer state plus ``kronecker`` (per-layer factors) and ``ekfac_steps``."""
         state = super().state_dict()

@@ -184,6 +184,39 @@ def batch_stats(a_rows: Tensor, g_rows: Tensor, num_examples: int) -> tuple[Tens
     return a.T @ a / a.shape[0], g.T @ g / num_examples
 
 
+def projected_per_example(a_rows: Tensor, g_rows: Tensor, num_examples: int, q_a: Tensor,
+                          q_g: Tensor) -> Tensor:
+    """Per-example gradients in the eigenbasis, ``Q_Gᵀ M_{b,i} Q_A``: ``[n, r, d_out, d_in]``.
+
+    ``M_{b,i} = Σ_locations g aᵀ`` as in :func:`projected_sq_grads`. ``q_a`` may be a block
+    of rows ``[d_in_rows, d_in]`` of a larger basis (one player of a joint-input factor):
+    the result is then that player's share of the joint projection.
+
+    The contraction order is chosen per side by cost (the result is the same up to
+    rounding): with ``L`` locations, projecting the ``L`` input rows costs ``L d_in²`` per
+    example, projecting the ``r`` per-example gradients afterwards ``r d_out d_in²``; on the
+    output side ``r L d_out²`` against ``r d_out² d_in``. Convolutions with many locations and
+    few channels (early ResNet layers) project afterwards, deep ones project the rows.
+    """
+    n = num_examples
+    locs = a_rows.shape[0] // n
+    r = g_rows.shape[0] // a_rows.shape[0]
+    a = a_rows.to(q_a.dtype).reshape(n, 1, locs, a_rows.shape[-1])
+    g = g_rows.to(q_g.dtype).reshape(n, r, locs, g_rows.shape[-1])
+    a_rows_first = locs <= r * g.shape[-1]
+    g_rows_first = locs <= q_a.shape[1]
+    if a_rows_first:
+        a = a @ q_a
+    if g_rows_first:
+        g = g @ q_g
+    proj = g.transpose(-1, -2) @ a  # [n, r, d_out, d_in or d_in_rows]
+    if not g_rows_first:
+        proj = q_g.T @ proj
+    if not a_rows_first:
+        proj = proj @ q_a
+    return proj
+
+
 def projected_sq_grads(a_rows: Tensor, g_rows: Tensor, num_examples: int, q_a: Tensor,
                        q_g: Tensor) -> Tensor:
     """EKFAC scaling of one batch: ``S = (1/n) Σ_{b,i} (Q_Gᵀ M_{b,i} Q_A)²``, ``[d_out, d_in]``.
@@ -198,17 +231,19 @@ def projected_sq_grads(a_rows: Tensor, g_rows: Tensor, num_examples: int, q_a: T
                          f"rows)")
     locs = a_rows.shape[0] // n
     r = g_rows.shape[0] // a_rows.shape[0]
-    a_proj = (a_rows.to(q_a.dtype) @ q_a).reshape(n, locs, -1)  # [n, L, d_in]
-    g_proj = (g_rows.to(q_g.dtype) @ q_g).reshape(n, r, locs, -1)  # [n, r, L, d_out]
     if locs == 1:  # per-example gradient is an outer product: square each factor
-        return torch.einsum("nro,ni->oi", g_proj[:, :, 0] ** 2, a_proj[:, 0] ** 2) / n
-    d_out, d_in = g_proj.shape[-1], a_proj.shape[-1]
+        a_proj = a_rows.to(q_a.dtype) @ q_a  # [n, d_in]
+        g_proj = (g_rows.to(q_g.dtype) @ q_g).reshape(n, r, -1)  # [n, r, d_out]
+        return torch.einsum("nro,ni->oi", g_proj ** 2, a_proj ** 2) / n
+    d_out, d_in = q_g.shape[0], q_a.shape[1]
     chunk = max(1, PER_EXAMPLE_CHUNK // (r * d_out * d_in))
-    total = g_proj.new_zeros(d_out, d_in)
+    total = q_g.new_zeros(d_out, d_in)
     for start in range(0, n, chunk):
-        per_example = torch.einsum("nrlo,nli->nroi", g_proj[start:start + chunk],
-                                   a_proj[start:start + chunk])
-        total += (per_example ** 2).sum(dim=(0, 1))
+        stop = min(n, start + chunk)
+        proj = projected_per_example(a_rows[start * locs:stop * locs],
+                                     g_rows[start * r * locs:stop * r * locs], stop - start,
+                                     q_a, q_g)
+        total += proj.square().sum(dim=(0, 1))
     return total / n
 
 

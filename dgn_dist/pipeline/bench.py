@@ -1,0 +1,236 @@
+"""``dgn-bench-pipeline``: bytes per boundary, step time and memory of pipelined DGNOpt.
+
+For each model (synthetic data, fixed seed) it runs, each in fresh processes on gloo/CPU:
+
+* ``pp=1``: the runner on one process (no pipeline, no communication) -- the baseline;
+* ``pp=2 exact`` and ``pp=2 stale_k`` on 2 processes with ``--micro-batches`` micro-batches;
+
+and prints the mean step time over ``--steps`` steps after ``--warmup`` untimed ones (the
+first step refreshes every eigenbasis), the per-pass times of each rank, the bytes each
+boundary carried per pass against the formula ``mb·d·(1+r)`` per state tensor and
+micro-batch (``d`` one example's size of the tensor, 4- or 8-byte floats; forward and
+update pass carry ``mb·d``), and per rank the parameter, curvature-state and stored-activation
+bytes and the peak RSS. Every process uses ``--threads`` intra-op threads, so ``pp=2`` uses
+twice the cores of ``pp=1``.
+
+Example: ``dgn-bench-pipeline --models mnist_resnet,resnet18 --batch-size 64 --steps 3``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import os
+import queue
+import resource
+import socket
+import sys
+import time
+from collections.abc import Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+MODELS = ("digits_resnet", "mnist_resnet", "resnet18")
+SHAPES = {"digits_resnet": (1, 8, 8), "mnist_resnet": (1, 28, 28), "resnet18": (3, 32, 32)}
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _worker(target: Any, rank: int, world: int, port: int, spec: dict[str, Any],
+            out: Any) -> None:
+    try:
+        out.put((rank, target(rank, world, port, spec)))
+    except BaseException as err:  # noqa: BLE001 - reported by the parent
+        out.put((rank, {"error": f"{type(err).__name__}: {err}"}))
+
+
+def _measure(rank: int, world: int, port: int, spec: dict[str, Any]) -> dict[str, Any]:
+    import torch
+    import torch.distributed as dist
+
+    from dgn_dist.config.schema import ModelConfig
+    from dgn_dist.distributed.env import DistContext
+    from dgn_dist.distributed.validate import ParallelDims
+    from dgn_dist.models import build_model
+    from dgn_dist.pipeline.comm import meta_copy, state_specs
+    from dgn_dist.pipeline.runner import build_pipeline_runner
+
+    torch.set_num_threads(spec["threads"])
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world, timeout=timedelta(seconds=spec["timeout"]))
+    torch.manual_seed(0)
+    shape = SHAPES[spec["model"]]
+    model = build_model(ModelConfig(name=spec["model"]), shape, 10)
+    ctx = DistContext(rank, world, rank, torch.device("cpu"), "gloo" if world > 1 else None,
+                      "env" if world > 1 else "none", rank == 0)
+    runner = build_pipeline_runner(model, spec["optim"], ctx, ParallelDims(spec["pp"], 1, world),
+                                   micro_batches=spec["micro"], mode=spec["mode"],
+                                   partition=spec["partition"])
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(spec["batch"], *shape, generator=g)
+    y = torch.randint(0, 10, (spec["batch"],), generator=g)
+    for _ in range(spec["warmup"]):
+        runner.train_step(x, y)
+    runner.comm_stats()
+    times, losses = [], []
+    cpu = time.process_time()
+    for _ in range(spec["steps"]):
+        start = time.perf_counter()
+        losses.append(runner.train_step(x, y).loss)
+        times.append(time.perf_counter() - start)
+    cpu = (time.process_time() - cpu) / spec["steps"]
+    stats = runner.comm_stats()
+    result: dict[str, Any] = {"step_s": sum(times) / len(times), "losses": losses, "rss0": rss0,
+                              "cpu_s": cpu,
+                              "stats": stats, "ranges": [list(r) for r in runner.ranges]}
+    if rank == 0 and spec["pp"] > 1:  # the formula at each boundary, per step
+        mb = spec["batch"] // spec["micro"]
+        specs = state_specs(meta_copy(runner.game), shape, x.dtype, mb)
+        r = 1 if spec["optim"].get("vxx", "empirical") == "empirical" else \
+            (spec["optim"].get("rank", 1) if spec["optim"]["vxx"] == "sampled" else 10)
+        bounds = [rg.start for rg in runner.ranges[1:]]
+        result["boundaries"] = [{
+            "stage": t, "tensors": [list(s.shape) for s in specs[t]],
+            "forward": spec["micro"] * sum(math.prod(s.shape) * 4 for s in specs[t]),
+            "sweep": spec["micro"] * sum(math.prod(s.shape) * (1 + r) * 4 for s in specs[t]),
+        } for t in bounds]
+    if world > 1:
+        dist.destroy_process_group()
+    return result
+
+
+def run_config(spec: dict[str, Any], target: Any = None) -> list[dict[str, Any]]:
+    """Run ``target(rank, world, port, spec)`` (default: the timing measurement) on
+    ``spec['pp']`` fresh processes; per-rank results."""
+    world = spec["pp"]
+    # Before the children import torch: LAPACK/OpenMP then use the same thread count as
+    # torch (a float32 eigh of an ill-conditioned factor can fail with more threads).
+    os.environ["OMP_NUM_THREADS"] = str(spec.get("threads", 1))
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, daemon=True,
+                         args=(target or _measure, r, world, port, spec, out))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    results: dict[int, dict[str, Any]] = {}
+    deadline = time.monotonic() + spec["timeout"]
+    try:
+        while len(results) < world and time.monotonic() < deadline:
+            try:
+                rank, res = out.get(timeout=2.0)
+            except queue.Empty:
+                if any(p.exitcode not in (None, 0) for p in procs):
+                    break  # a child died without reporting (import error, signal)
+                continue
+            results[rank] = res
+            if "error" in res:
+                break
+    finally:
+        for p in procs:
+            p.join(5.0)
+            if p.is_alive():
+                p.kill()
+    errors = [f"rank {r}: {v['error']}" for r, v in results.items() if "error" in v]
+    if errors or len(results) < world:
+        raise RuntimeError("; ".join(errors) or "a rank did not report")
+    return [results[r] for r in range(world)]
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.2f}"
+
+
+def format_report(model: str, rows: list[tuple[str, list[dict[str, Any]]]]) -> str:
+    base = rows[0][1][0]["step_s"]
+    lines = [f"== {model}", f"{'config':<14}{'step s':>9}{'x pp1':>7}  per rank: cpu s/step, "
+             "forward/sweep/update s (p2p wait) | params/curv/act MiB | peak RSS growth MiB"]
+    for name, ranks in rows:
+        step = max(r["step_s"] for r in ranks)
+        per = []
+        for i, r in enumerate(ranks):
+            s = {k: r["stats"][f"{k}/rank{i}"] for k in r["stats"] if f"{k}/rank{i}" in
+                 r["stats"]}
+            per.append(f"r{i} cpu {r['cpu_s']:.2f} {s['time/forward']:.2f}/{s['time/sweep']:.2f}/"
+                       f"{s['time/update']:.2f} (wait {s['time/p2p_wait']:.2f}) | "
+                       f"{_mib(s['memory/params_bytes'])}/"
+                       f"{_mib(s['memory/curvature_bytes'])}/"
+                       f"{_mib(s['memory/activations_bytes'])} | "
+                       f"{_mib(s['memory/peak_rss_bytes'] - r['rss0'])}")
+        lines.append(f"{name:<14}{step:>9.3f}{step / base:>7.2f}  " + "  ;  ".join(per))
+    for name, ranks in rows[1:]:
+        s = ranks[0]["stats"]
+        for b in ranks[0].get("boundaries", []):
+            sweep_sent = s["comm/sweep_bytes/rank1"]
+            lines.append(
+                f"  {name} boundary before stage {b['stage']} {b['tensors']}: forward "
+                f"{s['comm/forward_bytes/rank0']:.0f} B (formula {b['forward']}), sweep "
+                f"{sweep_sent:.0f} B (formula mb*d*(1+r): {b['sweep']}), update "
+                f"{s['comm/update_bytes/rank0']:.0f} B, dp all-reduce "
+                f"{s['comm/allreduce_bytes']:.0f} B")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dgn-bench-pipeline", description=__doc__.split("\n")[0])
+    p.add_argument("--models", default="mnist_resnet,resnet18",
+                   help=f"comma list of {', '.join(MODELS)} (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--micro-batches", type=int, default=4)
+    p.add_argument("--steps", type=int, default=3, help="timed steps (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps (default: %(default)s)")
+    p.add_argument("--modes", default="exact,stale_k", help="pp=2 modes (default: %(default)s)")
+    p.add_argument("--info", default="fne", choices=["olne", "fne", "gr"])
+    p.add_argument("--curvature", default="kfac", choices=["identity", "diag", "kfac", "ekfac"])
+    p.add_argument("--partition", default="uniform")
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads per process")
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds per configuration")
+    p.add_argument("--json", metavar="OUT", default=None, help="also write raw results")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; 0 on success, 2 for bad arguments."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    bad = [m for m in models if m not in MODELS] + [m for m in modes
+                                                    if m not in ("exact", "stale_k")]
+    if bad or args.batch_size % args.micro_batches or min(args.steps, args.threads) < 1:
+        print(f"error: bad --models/--modes {bad} or --batch-size not divisible by "
+              f"--micro-batches, or --steps/--threads < 1; models: {', '.join(MODELS)}, "
+              "modes: exact, stale_k", file=sys.stderr)
+        return 2
+    optim = {"lr": 0.05, "info": args.info, "curvature": args.curvature, "damping": 0.1}
+    raw: dict[str, Any] = {}
+    for model in models:
+        common = {"model": model, "batch": args.batch_size, "steps": args.steps,
+                  "warmup": args.warmup, "threads": args.threads, "timeout": args.timeout,
+                  "optim": optim, "partition": args.partition, "micro": args.micro_batches}
+        rows = [("pp1", run_config({**common, "pp": 1, "mode": "exact"}))]
+        print(format_report(model, rows), flush=True)
+        for m in modes:
+            rows.append((f"pp2 {m}", run_config({**common, "pp": 2, "mode": m})))
+            print(format_report(model, rows[:1] + rows[-1:]).split("\n", 3)[3], flush=True)
+        raw[model] = {name: ranks for name, ranks in rows}
+        print(format_report(model, rows), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(raw, indent=1, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""Options of the pipelined DGNOpt and how they are checked (DESIGN.md §4)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from dgn_dist.dgnopt.options import check_options
+
+Mode = Literal["exact", "stale_k"]
+MODES: tuple[str, ...] = ("exact", "stale_k")
+
+#: DGNOpt keyword arguments the pipeline honours (with DGNOpt's defaults).
+DEFAULTS: dict[str, Any] = {
+    "lr": 0.1, "info": "fne", "curvature": "kfac", "vxx": "empirical", "rank": 1,
+    "damping": 1e-3, "ema_decay": 0.95, "factor_interval": 1, "inverse_interval": 20,
+    "weight_decay": 0.0, "feedback_scale": 1.0, "alignment": "second", "zero_cross": False,
+    "zero_feedback": False, "coop_iters": 20, "coop_tol": 1e-8, "stats_every": 0,
+    "rescale": True,
+}
+#: DGNOpt features that need the whole game on one rank (rejected with pp > 1).
+UNSUPPORTED = ("alignments", "game", "game_extended", "diag_rule", "gain_scale", "kl_clip")
+
+
+@dataclass(frozen=True)
+class PipelineOptions:
+    """DGNOpt hyper-parameters of a pipelined run (see :class:`dgn_dist.dgnopt.DGNOpt`)."""
+
+    lr: float
+    info: str
+    curvature: str
+    vxx: str
+    rank: int
+    damping: float
+    ema_decay: float
+    factor_interval: int
+    inverse_interval: int
+    weight_decay: float
+    feedback_scale: float
+    alignment: str
+    zero_cross: bool
+    zero_feedback: bool
+    coop_iters: int
+    coop_tol: float
+    stats_every: int
+    rescale: bool
+
+    @property
+    def feedback(self) -> bool:
+        """``Q_θx`` is kept (``fne`` / ``gr`` without ``zero_feedback``)."""
+        return self.info != "olne" and not self.zero_feedback
+
+    @property
+    def use_factors(self) -> bool:
+        """The ``V_xx`` factors travel (Kronecker curvature or feedback)."""
+        return self.curvature in ("kfac", "ekfac") or self.feedback
+
+    @property
+    def rescaled(self) -> bool:
+        return self.rescale and self.curvature in ("kfac", "ekfac")
+
+
+def make_options(kwargs: Mapping[str, Any]) -> PipelineOptions:
+    """Check DGNOpt keyword arguments for the pipeline.
+
+    Raises:
+        ValueError: an unknown or unsupported argument, or an invalid value (the message
+            names it and says what to change).
+    """
+    bad = [k for k in kwargs if k in UNSUPPORTED and kwargs[k] not in (None, False, 0, 0.0, 1.0)]
+    if bad:
+        raise ValueError(f"DGNOpt options {bad} are not supported with pipeline parallelism "
+                         "(they need the whole game on one rank); use parallel.pp=1, or "
+                         "game.alignment_strategy='fixed' and game.ablation='none'")
+    unknown = [k for k in kwargs if k not in DEFAULTS and k not in UNSUPPORTED]
+    if unknown:
+        raise ValueError(f"unknown DGNOpt options {unknown}; valid: {', '.join(DEFAULTS)}")
+    merged = {**DEFAULTS, **{k: v for k, v in kwargs.items() if k in DEFAULTS}}
+    check_options(**{k: merged[k] for k in DEFAULTS if k not in ("zero_cross", "zero_feedback")})
+    return PipelineOptions(**merged)
+
+
+def check_mode(mode: str, micro_batches: int) -> None:
+    """Validate ``parallel.pipeline_mode`` and ``parallel.micro_batches``.
+
+    Raises:
+        ValueError: with the valid values.
+    """
+    if mode not in MODES:
+        raise ValueError(f"parallel.pipeline_mode must be one of {', '.join(MODES)}; got "
+                         f"{mode!r}")
+    if not isinstance(micro_batches, int) or isinstance(micro_batches, bool) \
+            or micro_batches < 1:
+        raise ValueError(f"parallel.micro_batches must be a positive integer; got "
+                         f"{micro_batches!r}")

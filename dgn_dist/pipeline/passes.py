@@ -1,0 +1,217 @@
+"""Stage-level pieces of the pipelined sweep and update pass (DESIGN.md §2.1-2.2, §4).
+
+The ``exact`` schedule calls :func:`dgn_dist.dgnopt.sweep.sweep_stage` unchanged on the whole
+local batch. The ``stale_k`` schedule splits that function in two so that micro-batches can
+stream through the backward sweep:
+
+* :func:`stream_stage` (per micro-batch): ``Q_θ`` and the Kronecker rows of this
+  micro-batch, and the value function passed to the previous stage computed with the open
+  gain ``k`` and the curvature of the PREVIOUS iteration:
+  ``V_x^t = VJP_x(V_x^{t+1} − Σ_i u_{b,i} <u_{b,i}, (J_θ k_prev)_b>)`` and
+  ``U_b^t = (I − Γ_b)^{1/2} W_b`` with ``Γ_b`` under the previous ``Q_θθ⁻¹`` (eq. 10);
+* :func:`finish_stage` (once all micro-batches passed): fold the whole batch's statistics
+  into the curvature, solve the fresh ``k = Q_θθ⁻¹ Q_θ`` the update pass applies, rescale.
+
+:func:`update_range` is the update pass over a contiguous range of stages; unlike
+:func:`dgn_dist.dgnopt.update_pass.update_pass` it does not roll back on its own: it keeps the
+parameter backups so that the schedule can roll back every rank together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from dgn_dist.dgnopt.autodiff import jvp_params, vjp
+from dgn_dist.dgnopt.blocks import StageBatch
+from dgn_dist.dgnopt.capture import PlayerTap, contract_factors, leaves
+from dgn_dist.dgnopt.gains import NonFiniteUpdate, StageSolver
+from dgn_dist.dgnopt.reduction import Reducer
+from dgn_dist.dgnopt.sweep import (
+    StageSolution,
+    SweepOptions,
+    _factor_pass,
+    _refactor,
+    rescale_gains,
+)
+from dgn_dist.dgnopt.update_pass import feedback_term
+from dgn_dist.game.core import Stage, State
+
+
+@dataclass
+class StreamedStage:
+    """What :func:`stream_stage` accumulated at one stage over the micro-batches."""
+
+    q_theta: list[Tensor] | None = None
+    a: list[list[Tensor]] = field(default_factory=list)
+    g: list[list[Tensor]] = field(default_factory=list)
+    u_next: list[State] = field(default_factory=list)
+    rank: int = 1
+    num: int = 0
+
+
+def stream_stage(stage: Stage, solver: StageSolver, x_t: State, vx_next: State,
+                 u_next: State | None, k_prev: Sequence[Tensor], opts: SweepOptions,
+                 need_value: bool, acc: StreamedStage) -> tuple[State | None, State | None]:
+    """One micro-batch through one stage of the ``stale_k`` sweep (module docstring).
+
+    Args:
+        stage: the stage (BatchNorm running statistics frozen by the caller).
+        solver: its curvature blocks, still holding the previous iteration's state.
+        x_t: the micro-batch's stage input.
+        vx_next: ``V_x^{t+1}`` of the micro-batch.
+        u_next: ``U^{t+1}`` of the micro-batch (``None`` without factors).
+        k_prev: the previous iteration's open gain per player (native form).
+        opts: switches (``feedback``, ``use_factors``).
+        need_value: compute ``V_x^t``, ``U^t``.
+        acc: accumulator of the stage's batch statistics (updated in place).
+
+    Returns:
+        ``(V_x^t, U^t)`` of the micro-batch (``None`` where not needed).
+    """
+    views = solver.views
+    params = [p for v in views for p in v.params]
+    plain = not opts.feedback
+    xs = leaves(x_t) if need_value else tuple(s.detach() for s in x_t)
+    with PlayerTap([v.player for v in views]) as tap:
+        out = stage(xs)
+    roots = list(params) + (list(xs) if need_value and plain else [])
+    grads = vjp(out, vx_next, roots, retain_graph=need_value and not plain)
+    q_theta, offset = [], 0
+    for v in views:
+        q_theta.append(v.to_native([g.detach() for g in grads[offset:offset + len(v.params)]]))
+        offset += len(v.params)
+    acc.q_theta = q_theta if acc.q_theta is None else [
+        a + b for a, b in zip(acc.q_theta, q_theta, strict=True)]
+    vx_t: State | None = tuple(g.detach() for g in grads[offset:]) if need_value and plain \
+        else None
+    batch = StageBatch(num=x_t[0].shape[0], rank=1, q_theta=q_theta,
+                       a=[None] * len(views), g=[None] * len(views))
+    w: State | None = None
+    if opts.use_factors and u_next is not None and (views or need_value):
+        w = _factor_pass(stage, views, x_t, u_next, batch, tap, need_value)
+        acc.a.append(batch.a)  # type: ignore[arg-type]
+        acc.g.append(batch.g)  # type: ignore[arg-type]
+        acc.u_next.append(tuple(u.detach() for u in u_next))
+    acc.rank, acc.num = batch.rank, acc.num + batch.num
+    u_t: State | None = None
+    if need_value and opts.feedback:
+        assert u_next is not None and w is not None
+        if params:
+            directions = [d for v, kn in zip(views, k_prev, strict=True)
+                          for d in v.from_native(kn)]
+            jk = jvp_params(stage, params, x_t, directions)
+        else:
+            jk = tuple(torch.zeros_like(o) for o in out)
+        corr = contract_factors(u_next, jk)  # Q_xθ k_prev before the pull-back
+        vx_t = tuple(g.detach() for g in
+                     vjp(out, tuple(v - c for v, c in zip(vx_next, corr, strict=True)), xs))
+        u_t, _ = _refactor(solver, batch, w, views_present=bool(views))
+    elif need_value and opts.use_factors:
+        u_t = w
+    return vx_t, u_t
+
+
+def _cat(parts: list[list[Tensor]], n: int) -> Tensor | None:
+    rows = [p[n] for p in parts if p[n] is not None]
+    return torch.cat(rows) if rows else None
+
+
+def finish_stage(stage: Stage, solver: StageSolver, x_t: State, acc: StreamedStage,
+                 opts: SweepOptions) -> StageSolution:
+    """Fold the streamed batch into the curvature and solve the fresh open gain.
+
+    The same steps as the tail of :func:`~dgn_dist.dgnopt.sweep.sweep_stage` (``Q_θ`` summed
+    over the dp replicas, weight decay, curvature update, ``k``, rescaling), on the statistics
+    of all micro-batches.
+
+    Raises:
+        NonFiniteUpdate: a statistic or the gain is not finite.
+    """
+    views = solver.views
+    q_theta = list(acc.q_theta or [])
+    opts.reducer.reduce(q_theta, "grad")
+    if opts.weight_decay:
+        q_theta = [q + opts.weight_decay * v.theta() for q, v in zip(q_theta, views, strict=True)]
+    n = len(views)
+    batch = StageBatch(num=acc.num, rank=acc.rank, q_theta=q_theta,
+                       a=[_cat(acc.a, i) if acc.a else None for i in range(n)],
+                       g=[_cat(acc.g, i) if acc.g else None for i in range(n)])
+    solver.update(batch, decay=opts.decay, update_factors=opts.update_factors,
+                  refresh=opts.refresh, damping=opts.damping, weight_decay=opts.weight_decay,
+                  reducer=opts.reducer)
+    solver.reset_scales()
+    k = solver.solve(solver.open_rhs(q_theta))
+    u_next = tuple(torch.cat([u[i] for u in acc.u_next]) for i in range(len(acc.u_next[0]))) \
+        if acc.u_next else None
+    if opts.rescale and u_next is not None and views:
+        k, _ = rescale_gains(stage, solver, x_t, q_theta, k, u_next, opts.reducer)
+    if k and not bool(torch.stack([torch.isfinite(kn).all() for kn in k]).all()):
+        raise NonFiniteUpdate(f"non-finite open gain at stage {stage.name}")
+    return StageSolution(k=k, u_next=u_next, q_theta=q_theta)
+
+
+@dataclass
+class RangeUpdate:
+    """Result of :func:`update_range`."""
+
+    x_new: State
+    dx: State
+    finite: bool
+    backups: list[tuple[Tensor, Tensor]]
+
+
+def update_range(stages: Sequence[Stage], solvers: Sequence[StageSolver],
+                 states: Sequence[State], solutions: Sequence[StageSolution],
+                 x_new: State, dx: State | None, *, lr: float, feedback_scale: float,
+                 feedback: bool, reducer: Reducer) -> RangeUpdate:
+    """The update pass (Alg. 1 lines 8-12) over consecutive stages ``t0 … t1-1``.
+
+    Args:
+        stages, solvers, solutions: of the range.
+        states: the trajectory ``X_t0 … X_t1`` (the range's inputs and its output).
+        x_new: ``X'_t0`` (the updated trajectory entering the range).
+        dx: ``δX_t0`` (``None`` at the game's first stage, where it is 0).
+        lr, feedback_scale, feedback, reducer: as in
+            :func:`dgn_dist.dgnopt.update_pass.update_pass`.
+
+    Returns:
+        ``X'_t1``, ``δX_t1``, whether every step was finite (a non-finite step is not applied,
+        and every later stage then gets ``δX = NaN`` so that the ranks downstream fail too),
+        and the backups of the parameters changed (for a collective roll-back).
+    """
+    backups: list[tuple[Tensor, Tensor]] = []
+    finite = dx is None or all(bool(torch.isfinite(d).all()) for d in dx)
+    for t, (stage, solver, sol) in enumerate(zip(stages, solvers, solutions, strict=True)):
+        views = solver.views
+        if finite:
+            kdx = feedback_term(stage, solver, states[t], dx, sol.u_next, reducer) \
+                if feedback and feedback_scale != 0.0 and dx is not None and \
+                sol.u_next is not None else None
+            steps = [lr * sol.k[n] if kdx is None else lr * sol.k[n] +
+                     (lr * feedback_scale) * kdx[n] for n in range(len(views))]
+            finite = not steps or bool(torch.stack([torch.isfinite(s).all()
+                                                    for s in steps]).all())
+        if not finite:
+            nan = tuple(torch.full_like(s, float("nan")) for s in states[t + 1])
+            x_new, dx = nan, nan
+            continue
+        with torch.no_grad():
+            for v, step in zip(views, steps, strict=True):
+                for p, d in zip(v.params, v.from_native(step), strict=True):
+                    backups.append((p, p.detach().clone()))
+                    p.sub_(d.to(p.dtype))
+            x_new = stage(x_new)
+        dx = tuple(a - b.detach() for a, b in zip(x_new, states[t + 1], strict=True))
+    assert dx is not None
+    return RangeUpdate(x_new, dx, finite, backups)
+
+
+def restore(backups: Sequence[tuple[Tensor, Tensor]]) -> None:
+    """Undo :func:`update_range`'s parameter changes."""
+    with torch.no_grad():
+        for p, old in reversed(backups):
+            p.copy_(old)

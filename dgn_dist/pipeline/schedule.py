@@ -1,0 +1,280 @@
+"""The three passes of one pipelined DGNOpt iteration on one rank (DESIGN.md §4).
+
+A :class:`Shard` is this rank's contiguous range of stages ``t0 … t1-1`` with their curvature
+solvers, its pipeline neighbours and its transport. Per iteration, with ``M`` micro-batches:
+
+1. :meth:`Shard.forward` (GPipe fill-drain): receive ``X_t0`` per micro-batch, run the range,
+   keep the inputs, send ``X_t1`` on (BatchNorm running statistics update here, once).
+2. :meth:`Shard.sweep`: the last rank forms ``V_x^T`` and the terminal factors (eq. 13/27);
+   every rank receives ``V_x`` ``[mb, *state]`` and ``U`` ``[mb, r, *state]`` for every state
+   tensor of its boundary and micro-batch, sweeps its stages and sends ``V_x^t0``, ``U^t0``
+   back. ``exact``: the whole local batch at once through
+   :func:`dgn_dist.dgnopt.sweep.sweep_stage` (bulk-synchronous; equals one process).
+   ``stale_k``: each micro-batch is propagated as soon as it arrives with the previous
+   iteration's ``k`` and curvature (:mod:`dgn_dist.pipeline.passes`), then the fresh ``k``
+   is solved from the whole batch.
+3. :meth:`Shard.update`: receive ``δX_t0``, apply ``θ ← θ − lr (k + K δX)`` over the range,
+   send ``δX_t1`` on.
+
+A non-finite quantity never stops the message flow: the rank sends NaN buffers of the agreed
+shapes, so every rank downstream fails the same step and the runner skips it collectively.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dgn_dist.dgnopt.gains import NonFiniteUpdate, StageSolver
+from dgn_dist.dgnopt.reduction import Reducer
+from dgn_dist.dgnopt.sweep import StageSolution, SweepOptions, sweep_stage
+from dgn_dist.dgnopt.terminal import terminal_factors
+from dgn_dist.game.core import Stage, State
+from dgn_dist.pipeline.comm import Link, TensorSpec, cat_rows, factor_specs, split_rows
+from dgn_dist.pipeline.options import PipelineOptions
+from dgn_dist.pipeline.passes import RangeUpdate, StreamedStage, finish_stage, stream_stage
+from dgn_dist.pipeline.passes import update_range as _update_range
+
+Specs = list[list[TensorSpec]]  # per state X_0..X_T, per tensor of the tuple
+
+
+@dataclass
+class Terminal:
+    """The last rank's loss statistics of the local batch."""
+
+    loss_sum: float = 0.0
+    correct: int = 0
+    count: int = 0
+
+
+@dataclass
+class Shard:
+    """One pipeline rank's stages, solvers and neighbours.
+
+    Attributes:
+        stages: the stages ``t0 … t1-1``.
+        solvers: their curvature solvers.
+        t0: global index of the first stage.
+        prev: global rank of the previous pipeline rank (``None`` on the first).
+        next: global rank of the next pipeline rank (``None`` on the last).
+        link: the transport (and its byte counter).
+        opts: DGNOpt hyper-parameters.
+        reducer: reductions over this stage range's dp group.
+        dp: data-parallel degree (the global batch is ``dp`` times the local one).
+    """
+
+    stages: list[Stage]
+    solvers: list[StageSolver]
+    t0: int
+    prev: int | None
+    next: int | None
+    link: Link
+    opts: PipelineOptions
+    reducer: Reducer
+    dp: int
+    k_prev: list[list[Tensor]] | None = None
+    terminal: Terminal = field(default_factory=Terminal)
+
+    # -- forward -----------------------------------------------------------------------
+    def forward(self, x: Tensor | None, sizes: Sequence[int], specs: dict[int, Specs],
+                kind: str = "forward") -> list[list[State]]:
+        """GPipe forward over the micro-batches; returns ``traj[m][i] = X_{t0+i}``."""
+        t1 = self.t0 + len(self.stages)
+        recvs = [self.link.recv(specs[s][self.t0], self.prev, kind) for s in sizes] \
+            if self.prev is not None else []
+        chunks = x.split(list(sizes)) if x is not None else ()
+        traj: list[list[State]] = []
+        with torch.no_grad():
+            for m in range(len(sizes)):
+                if self.prev is None:
+                    state: State = (chunks[m],)
+                else:
+                    bufs, handle = recvs[m]
+                    self.link.wait(handle)
+                    state = tuple(bufs)
+                states = [state]
+                for stage in self.stages:
+                    state = stage(state)
+                    states.append(state)
+                traj.append(states)
+                if self.next is not None:
+                    self.link.send(state, self.next, kind)
+        self.link.flush()
+        assert len(traj[0]) == t1 - self.t0 + 1
+        return traj
+
+    # -- backward sweep ----------------------------------------------------------------
+    def _terminal(self, logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor | None, bool]:
+        """``V_x^T`` (global-batch convention, :mod:`dgn_dist.dgnopt.reduction`) and the
+        terminal factors of this replica's rows; records the loss statistics."""
+        lg = logits.detach().requires_grad_(True)
+        loss = F.cross_entropy(lg, y)
+        (v_x,) = torch.autograd.grad(loss, lg)
+        num = logits.shape[0]
+        correct = int((logits.argmax(1) == y).sum())
+        self.terminal = Terminal(float(loss.detach()) * num, correct, num)
+        finite = bool(torch.isfinite(v_x).all() & torch.isfinite(logits).all())
+        v_x = v_x / self.dp
+        u = terminal_factors(logits, v_x, self.opts.vxx, self.opts.rank,
+                             batch_size=num * self.dp) if self.opts.use_factors else None
+        return v_x, u, finite
+
+    def _sweep_opts(self, step: int, damping: float, weight_decay: float) -> SweepOptions:
+        o = self.opts
+        return SweepOptions(feedback=o.feedback, use_factors=o.use_factors,
+                            weight_decay=weight_decay, damping=damping, decay=o.ema_decay,
+                            update_factors=step % o.factor_interval == 0,
+                            refresh=step % o.inverse_interval == 0, record=False,
+                            rescale=o.rescaled, reducer=self.reducer)
+
+    def _message_specs(self, specs: Specs, index: int, r: int) -> list[TensorSpec]:
+        states = specs[index]
+        return states + (factor_specs(states, r) if self.opts.use_factors else [])
+
+    def _unpack(self, tensors: Sequence[Tensor]) -> tuple[State, State | None]:
+        n = len(tensors) // 2 if self.opts.use_factors else len(tensors)
+        return tuple(tensors[:n]), (tuple(tensors[n:]) if self.opts.use_factors else None)
+
+    def _send_nan(self, specs: Specs, r: int) -> None:
+        """One sweep message of NaN buffers (tells the previous rank the step failed)."""
+        assert self.prev is not None
+        self.link.send([torch.full(t.shape, float("nan"), dtype=t.dtype,
+                                   device=self.link.device)
+                        for t in self._message_specs(specs, self.t0, r)], self.prev, "sweep")
+
+    def _send_back(self, vx: State | None, u: State | None, sizes: Sequence[int],
+                   specs: dict[int, Specs], r: int) -> None:
+        """Send ``V_x^t0``, ``U^t0`` per micro-batch (NaN buffers after a failure)."""
+        if self.prev is None:
+            return
+        if vx is None:
+            for s in sizes:
+                self._send_nan(specs[s], r)
+            return
+        parts_v = split_rows(vx, sizes)
+        parts_u = split_rows(u, sizes) if u is not None else [()] * len(sizes)
+        for pv, pu in zip(parts_v, parts_u, strict=True):
+            self.link.send([*pv, *pu], self.prev, "sweep")
+
+    def sweep(self, traj: list[list[State]], y: Tensor | None, sizes: Sequence[int],
+              specs: dict[int, Specs], r: int, step: int, damping: float,
+              weight_decay: float, stale: bool) -> list[StageSolution] | None:
+        """The backward sweep of the range (module docstring); ``None`` when it failed."""
+        opts = self._sweep_opts(step, damping, weight_decay)
+        t1 = self.t0 + len(self.stages)
+        recvs = [self.link.recv(self._message_specs(specs[s], t1, r), self.next, "sweep")
+                 for s in sizes] if self.next is not None else []
+        full = [cat_rows([tr[i] for tr in traj]) for i in range(len(self.stages) + 1)]
+        terminal: tuple[State, State | None] | None = None
+        ok = True
+        if self.next is None:
+            assert y is not None
+            v_x, u, ok = self._terminal(full[-1][0], y)
+            ok = self.reducer.agree(ok)  # skip decisions stay collective in the dp group
+            terminal = ((v_x,), (u,) if u is not None else None)
+        if stale and self.k_prev is not None and ok:
+            return self._stream(traj, full, recvs, terminal, sizes, specs, r, opts)
+        if self.next is not None:
+            msgs = []
+            for bufs, handle in recvs:
+                self.link.wait(handle)
+                msgs.append(self._unpack(bufs))
+            vx: State = cat_rows([m[0] for m in msgs])
+            u_in = cat_rows([m[1] for m in msgs]) if self.opts.use_factors else None  # type: ignore[misc]
+            terminal = (vx, u_in)
+        assert terminal is not None
+        vx_t, u_t = terminal
+        solutions: list[StageSolution] = [None] * len(self.stages)  # type: ignore[list-item]
+        try:
+            if not ok:
+                raise NonFiniteUpdate("non-finite loss gradient")
+            for i in reversed(range(len(self.stages))):
+                sol, vx_prev, u_prev = sweep_stage(self.stages[i], self.solvers[i], full[i],
+                                                   vx_t, u_t, opts, need_value=self.t0 + i > 0)
+                if sol.k and not bool(torch.stack([torch.isfinite(k).all()
+                                                   for k in sol.k]).all()):
+                    raise NonFiniteUpdate(f"non-finite open gain at stage {self.stages[i].name}")
+                solutions[i] = sol
+                if vx_prev is not None:
+                    vx_t, u_t = vx_prev, u_prev
+        except NonFiniteUpdate:
+            self._send_back(None, None, sizes, specs, r)
+            self.link.flush()
+            return None
+        self._send_back(vx_t, u_t, sizes, specs, r)
+        self.link.flush()
+        return solutions
+
+    def _stream(self, traj: list[list[State]], full: list[State], recvs: list,
+                terminal: tuple[State, State | None] | None, sizes: Sequence[int],
+                specs: dict[int, Specs], r: int,
+                opts: SweepOptions) -> list[StageSolution] | None:
+        """``stale_k``: propagate each micro-batch on arrival, then solve the fresh gains."""
+        assert self.k_prev is not None
+        accs = [StreamedStage() for _ in self.stages]
+        if terminal is not None:
+            tv = split_rows(terminal[0], sizes)
+            tu = split_rows(terminal[1], sizes) if terminal[1] is not None else None
+        failed = False
+        for m in range(len(sizes)):
+            if terminal is not None:
+                vx_t: State = tv[m]
+                u_t: State | None = tu[m] if tu is not None else None
+            else:
+                bufs, handle = recvs[m]
+                self.link.wait(handle)
+                vx_t, u_t = self._unpack(bufs)
+            # A NaN message means a later rank failed this step: pass the news on.
+            failed = failed or not all(bool(torch.isfinite(t).all())
+                                       for t in (*vx_t, *(u_t or ())))
+            if failed:
+                if self.prev is not None:
+                    self._send_nan(specs[sizes[m]], r)
+                continue
+            for i in reversed(range(len(self.stages))):
+                vx_p, u_p = stream_stage(self.stages[i], self.solvers[i], traj[m][i], vx_t, u_t,
+                                         self.k_prev[i], opts, self.t0 + i > 0, accs[i])
+                if vx_p is not None:
+                    vx_t, u_t = vx_p, u_p
+            if self.prev is not None:
+                self.link.send([*vx_t, *(u_t or ())], self.prev, "sweep")
+        solutions: list[StageSolution] = [None] * len(self.stages)  # type: ignore[list-item]
+        if failed:
+            self.link.flush()
+            return None
+        try:
+            for i in reversed(range(len(self.stages))):
+                solutions[i] = finish_stage(self.stages[i], self.solvers[i], full[i], accs[i],
+                                            opts)
+        except NonFiniteUpdate:
+            self.link.flush()
+            return None
+        self.link.flush()
+        return solutions
+
+    # -- update pass -------------------------------------------------------------------
+    def update(self, traj: list[list[State]], solutions: list[StageSolution],
+               sizes: Sequence[int], specs: dict[int, Specs], *, lr: float,
+               feedback_scale: float) -> RangeUpdate:
+        """Apply the update over the range; receives ``δX_t0``, sends ``δX_t1``."""
+        full = [cat_rows([tr[i] for tr in traj]) for i in range(len(self.stages) + 1)]
+        dx: State | None = None
+        x_new = full[0]
+        if self.prev is not None:
+            recvs = [self.link.recv(specs[s][self.t0], self.prev, "update") for s in sizes]
+            for _, handle in recvs:
+                self.link.wait(handle)
+            dx = cat_rows([tuple(b) for b, _ in recvs])
+            x_new = tuple(a + d for a, d in zip(full[0], dx, strict=True))
+        res = _update_range(self.stages, self.solvers, full, solutions, x_new, dx, lr=lr,
+                            feedback_scale=feedback_scale, feedback=self.opts.feedback,
+                            reducer=self.reducer)
+        if self.next is not None:
+            for part in split_rows(res.dx, sizes):
+                self.link.send(part, self.next, "update")
+        self.link.flush()
+        return res

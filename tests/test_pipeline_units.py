@@ -1,0 +1,187 @@
+"""Pipeline pieces that need no processes: partitions, launch checks, options, shapes, and
+the stale_k stage pieces against the exact sweep (float64)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from dgnopt_helpers import conv_residual, linear_residual
+from torch import nn
+
+from dgn_dist.config.schema import Config
+from dgn_dist.dgnopt.capture import frozen_batchnorm
+from dgn_dist.dgnopt.gains import StageSolver
+from dgn_dist.dgnopt.sweep import SweepOptions, sweep_stage
+from dgn_dist.dgnopt.terminal import terminal_factors
+from dgn_dist.distributed.validate import DistributedSetupError
+from dgn_dist.game import build_game
+from dgn_dist.pipeline import check_pipeline, partition_stages
+from dgn_dist.pipeline.comm import factor_specs, meta_copy, split_rows, state_specs
+from dgn_dist.pipeline.options import make_options
+from dgn_dist.pipeline.partition import balanced_counts, stage_param_counts
+from dgn_dist.pipeline.passes import StreamedStage, finish_stage, stream_stage
+
+
+def _game():  # stem, b:1 (branch), b:2 (merge), head
+    return build_game(conv_residual(), "second")
+
+
+def test_partition_uniform_params_and_explicit() -> None:
+    game = _game()
+    assert [list(r) for r in partition_stages(game, 2, "uniform")] == [[0, 1], [2, 3]]
+    assert [list(r) for r in partition_stages(game, 3, "uniform")] == [[0, 1], [2], [3]]
+    assert [list(r) for r in partition_stages(game, 2, " 1, 3 ")] == [[0], [1, 2, 3]]
+    counts = stage_param_counts(game)
+    assert counts == [20, 38, 38, 99]  # conv 1->2 (3x3), two 2->2 convs, Linear(32, 3)
+    ranges = partition_stages(game, 2, "params")
+    loads = [sum(counts[t] for t in r) for r in ranges]
+    assert max(loads) == min(max(sum(counts[:i]), sum(counts[i:])) for i in range(1, 4))
+    assert [len(r) for r in ranges] == [3, 1]
+
+
+def test_balanced_counts_minimise_the_largest_load() -> None:
+    assert balanced_counts([1, 1, 1, 10, 1, 1], 3) == [3, 1, 2]
+    assert balanced_counts([5, 5, 5, 5], 4) == [1, 1, 1, 1]
+    assert balanced_counts([0, 0, 0], 2) in ([1, 2], [2, 1])
+
+
+@pytest.mark.parametrize(("pp", "spec", "needle"), [
+    (5, "uniform", "parallel.pp <= 4"),
+    (2, "2,1", "summing to the game's 4 stages"),
+    (2, "4,0", "positive stage counts"),
+    (2, "half", "comma list of stage counts"),
+])
+def test_partition_errors_say_what_to_change(pp: int, spec: str, needle: str) -> None:
+    with pytest.raises(DistributedSetupError, match=needle):
+        partition_stages(_game(), pp, spec)
+
+
+def _cfg(**parallel: object) -> Config:
+    cfg = Config()
+    cfg.optim.name = "dgnopt"
+    cfg.data.batch_size = 8
+    for k, v in parallel.items():
+        setattr(cfg.parallel, k, v)
+    return cfg
+
+
+def test_check_pipeline_accepts_and_rejects() -> None:
+    dims = check_pipeline(_cfg(pp=2, micro_batches=2), 4, _game())
+    assert (dims.pp, dims.dp) == (2, 2)
+    with pytest.raises(DistributedSetupError, match="micro_batches in"):
+        check_pipeline(_cfg(pp=2, micro_batches=3), 4, _game())
+    with pytest.raises(DistributedSetupError, match="exceeds the model's 4 stages"):
+        check_pipeline(_cfg(pp=8), 8, _game())
+    with pytest.raises(DistributedSetupError, match="pipeline_mode must be one of"):
+        check_pipeline(_cfg(pp=2, pipeline_mode="async"), 2, _game())
+    with pytest.raises(DistributedSetupError, match="parallel.partition"):
+        check_pipeline(_cfg(pp=2, partition="1,1"), 2, _game())
+    cfg = _cfg(pp=2)
+    cfg.optim.name = "sgd"
+    with pytest.raises(DistributedSetupError, match="pipelines DGNOpt only"):
+        check_pipeline(cfg, 2, _game())
+
+
+def test_options_reject_unsupported_and_invalid() -> None:
+    assert make_options({"info": "gr", "lr": 0.5}).lr == 0.5
+    with pytest.raises(ValueError, match="not supported with pipeline parallelism"):
+        make_options({"kl_clip": 1e-3})
+    with pytest.raises(ValueError, match="unknown DGNOpt options"):
+        make_options({"learning_rate": 1.0})
+    with pytest.raises(ValueError, match="info must be one of"):
+        make_options({"info": "nash"})
+
+
+def test_meta_shapes_match_a_real_trajectory() -> None:
+    game = _game()
+    x = torch.randn(3, 1, 4, 4, dtype=torch.float64)
+    specs = state_specs(meta_copy(game), x.shape[1:], x.dtype, 3)
+    real = game.trajectory(x)
+    assert [[s.shape for s in st] for st in specs] == [[tuple(t.shape) for t in st]
+                                                       for st in real]
+    assert [len(st) for st in specs] == [1, 1, 2, 1, 1]  # (h, s) inside the block
+    assert factor_specs(specs[2], 4)[1].shape == (3, 4, 2, 4, 4)
+    assert all(p.device.type == "cpu" for p in game.parameters())  # the copy is separate
+
+
+@pytest.mark.parametrize("info", ["fne", "gr"])
+def test_stream_with_the_current_gain_equals_the_exact_sweep(info: str) -> None:
+    """stream_stage given THIS step's gain and curvature reproduces sweep_stage's V_x^t and
+    U^t micro-batch by micro-batch; finish_stage on the streamed statistics of a fresh
+    solver gives sweep_stage's k (so stale_k differs from exact only by the stale gain)."""
+    game = linear_residual("first") if info == "gr" else _game()
+    x = torch.randn(6, 4, dtype=torch.float64) if info == "gr" else \
+        torch.randn(6, 1, 4, 4, dtype=torch.float64)
+    states = game.trajectory(x)
+    logits = states[-1][0]
+    v_x = torch.softmax(logits, 1) / 6
+    u = (terminal_factors(logits, v_x, "exact"),)
+    opts = SweepOptions(feedback=True, use_factors=True, weight_decay=1e-3, damping=0.1,
+                        decay=0.9, update_factors=True, refresh=True, rescale=True)
+    t = 2  # the merge stage: state (h, s) in, logits-side state out
+    stage = game.stage_list()[t]
+    vx_next, u_next = (v_x,), u
+    for s in reversed(range(t + 1, len(game.stages))):
+        solver = StageSolver(game.stage_list()[s], info, "kfac")
+        with frozen_batchnorm(game):
+            _, vx_next, u_next = sweep_stage(game.stage_list()[s], solver, states[s], vx_next,
+                                             u_next, opts, need_value=True)
+    exact = StageSolver(stage, info, "kfac")
+    sol, vx_t, u_t = sweep_stage(stage, exact, states[t], vx_next, u_next, opts, True)
+    sizes = [2, 4]
+    parts = zip(split_rows(states[t], sizes), split_rows(vx_next, sizes),
+                split_rows(u_next, sizes), strict=True)
+    acc = StreamedStage()
+    streamed = [stream_stage(stage, exact, xs, vs, us, sol.k, opts, True, acc)
+                for xs, vs, us in parts]
+    for i in range(len(vx_t)):
+        torch.testing.assert_close(torch.cat([s[0][i] for s in streamed]), vx_t[i])
+        torch.testing.assert_close(torch.cat([s[1][i] for s in streamed]), u_t[i])
+    fresh = StageSolver(stage, info, "kfac")
+    acc2 = StreamedStage()
+    for xs, vs, us in zip(split_rows(states[t], sizes), split_rows(vx_next, sizes),
+                          split_rows(u_next, sizes), strict=True):
+        stream_stage(stage, fresh, xs, vs, us, [torch.zeros_like(k) for k in sol.k], opts,
+                     False, acc2)
+    sol2 = finish_stage(stage, fresh, states[t], acc2, opts)
+    for a, b in zip(sol2.k, sol.k, strict=True):
+        torch.testing.assert_close(a, b)
+    assert not torch.allclose(sol.k[0], torch.zeros_like(sol.k[0]))
+
+
+def test_params_of_sequential_counted_once() -> None:
+    shared = nn.Linear(3, 3)
+    game = build_game(nn.Sequential(shared, nn.Tanh(), nn.Linear(3, 2)), "second")
+    assert stage_param_counts(game) == [12, 8]
+
+
+def test_runner_from_config_single_process_equals_dgnopt() -> None:
+    """pp=1 without a process group: the runner (2 micro-batches) is DGNOpt."""
+    import torch.nn.functional as F
+
+    from dgn_dist.dgnopt import DGNOpt, dgnopt_kwargs
+    from dgn_dist.distributed.env import DistContext
+    from dgn_dist.pipeline import runner_from_config
+
+    cfg = _cfg(micro_batches=2)
+    cfg.optim.lr, cfg.curvature.kind, cfg.curvature.damping = 0.2, "kfac", 0.1
+    torch.manual_seed(3)
+    ref = conv_residual()
+    model = conv_residual()
+    model.load_state_dict(ref.state_dict())
+    opt = DGNOpt(ref, **dgnopt_kwargs(cfg))  # type: ignore[arg-type]
+    ctx = DistContext(0, 1, 0, torch.device("cpu"), None, "none", True)
+    runner = runner_from_config(cfg, model, ctx)
+    g = torch.Generator().manual_seed(4)
+    for _ in range(2):
+        x = torch.randn(8, 1, 4, 4, generator=g, dtype=torch.float64)
+        y = torch.randint(0, 3, (8,), generator=g)
+        loss = F.cross_entropy(ref(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        res = runner.train_step(x, y)
+        assert res.loss == pytest.approx(float(loss.detach()), rel=1e-12) and res.count == 8
+    for key, value in ref.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value, rtol=1e-10, atol=1e-12)
+    assert runner.optimizer.param_groups[0]["dgn_step"] == 2
