@@ -120,6 +120,13 @@ class RunningStats:
         self.seen += len(y)
         self.steps += 1
 
+    def add_counts(self, loss: Tensor, correct: Tensor, count: int) -> None:
+        """Like :meth:`add` from a batch's mean ``loss`` and its ``correct`` count."""
+        self.loss_sum += loss.detach().double().to(self.device) * count
+        self.correct += correct.to(self.device)
+        self.seen += count
+        self.steps += 1
+
     def loss(self) -> float:
         return self.loss_sum.item() / max(self.seen, 1)
 

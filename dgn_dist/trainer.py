@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from dgn_dist.checkpoint import (
@@ -52,6 +52,7 @@ from dgn_dist.checkpoint import (
 from dgn_dist.config import Config, ConfigError, dump_toml
 from dgn_dist.dashboard import DashboardWriter
 from dgn_dist.device import configure_determinism, seed_everything
+from dgn_dist.distributed.engine import LocalEngine, PipelineEngine
 from dgn_dist.distributed.training import (
     ParallelRun,
     ShardedBatchSampler,
@@ -73,6 +74,7 @@ from dgn_dist.sampler import ResumableSampler
 
 CHECKPOINT_FORMAT = 1
 StepHook = Callable[[int, float], None]
+Engine = LocalEngine | PipelineEngine
 
 
 @dataclasses.dataclass
@@ -120,15 +122,17 @@ class InterruptGuard:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device,
-             par: ParallelRun | None = None) -> tuple[float, float]:
+             par: ParallelRun | None = None,
+             predict: Callable[[Tensor], Tensor] | None = None) -> tuple[float, float]:
     """Accuracy (percent) and mean cross-entropy of ``model`` over ``loader`` (summed over
-    the dp replicas' shards when ``par`` is given)."""
+    the dp replicas' shards when ``par`` is given); ``predict`` replaces ``model(x)`` (a
+    pipeline's forward, collective over its ranks)."""
     was_training = model.training
     model.eval()
     stats = RunningStats(device)
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        logits = model(x)
+        logits = model(x) if predict is None else predict(x)
         stats.add(F.cross_entropy(logits, y), logits, y)
     model.train(was_training)
     return global_acc_loss(stats, par)
@@ -176,14 +180,28 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _checkpoint_state(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer,
+def _damping(optimizer: torch.optim.Optimizer) -> float | None:
+    """The optimizer's damping (an attribute, or a pipeline's ``param_groups[0]``)."""
+    value = getattr(optimizer, "damping", optimizer.param_groups[0].get("damping"))
+    return None if value is None else float(value)
+
+
+def _set_damping(optimizer: torch.optim.Optimizer, value: float) -> None:
+    if hasattr(optimizer, "damping"):
+        optimizer.damping = value
+    else:
+        optimizer.param_groups[0]["damping"] = value
+
+
+def _checkpoint_state(cfg: Config, engine: Engine,
                       scheduler: torch.optim.lr_scheduler.LRScheduler, prog: Progress,
                       par: ParallelRun) -> dict[str, Any]:
-    damping = getattr(optimizer, "damping", None)
+    """Collective (a pipeline gathers its stages' states)."""
+    damping = _damping(engine.optimizer)
     return {
         "format": CHECKPOINT_FORMAT,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "model": engine.model_state(),
+        "optimizer": engine.optimizer_state(),
         "scheduler": scheduler_state(scheduler),
         "damping": None if damping is None else float(damping),
         "rng": capture_rng_state(),
@@ -193,22 +211,22 @@ def _checkpoint_state(cfg: Config, model: nn.Module, optimizer: torch.optim.Opti
     }
 
 
-def _restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+def _restore(path: Path, engine: Engine,
              scheduler: torch.optim.lr_scheduler.LRScheduler, par: ParallelRun) -> Progress:
     ckpt = load_checkpoint(path)
     if ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"checkpoint '{path}' has format {ckpt.get('format')!r}, this "
                               f"version reads format {CHECKPOINT_FORMAT}")
     try:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        engine.load_model_state(ckpt["model"])
+        engine.load_optimizer_state(ckpt["optimizer"])
         load_scheduler_state(scheduler, ckpt["scheduler"])
     except (RuntimeError, KeyError, ValueError) as err:
         raise CheckpointError(
             f"checkpoint '{path}' does not match the configured model/optimizer ({err}); "
             "resume with the configuration the run started with (its config.toml)") from err
-    if ckpt["damping"] is not None and hasattr(optimizer, "damping"):
-        optimizer.damping = ckpt["damping"]
+    if ckpt["damping"] is not None and _damping(engine.optimizer) is not None:
+        _set_damping(engine.optimizer, ckpt["damping"])
     saved = ckpt.get("parallel", {"dp": 1, "pp": 1})
     if saved.get("pp", 1) != par.dims.pp:
         raise CheckpointError(
@@ -219,9 +237,29 @@ def _restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
             f"dp={par.dims.dp} at the same global batch (data.batch_size)")
     restore_rng_state(ckpt["rng"])  # last: nothing may draw random numbers after this
     prog = Progress(**ckpt["progress"])
-    if not par.is_main:  # rank 0 carries the epoch's (dp-summed) running statistics
+    if not par.is_main and engine.stats_are_local:  # rank 0 carries the dp-summed statistics
         prog.epoch_stats = {}
     return prog
+
+
+def _build_engine(cfg: Config, model: nn.Module, val: Dataset | None,
+                  par: ParallelRun) -> Engine:
+    """The optimizer of the run wrapped in its :class:`Engine` (data-parallel reductions
+    attached; with ``parallel.pp > 1`` the stages sharded over the pipeline ranks).
+
+    Raises:
+        ValueError: settings the model or optimizer rejects.
+    """
+    if par.dims.pp > 1:
+        from dgn_dist.pipeline.setup import runner_from_config
+
+        cfg.parallel.grad_clip = par.grad_clip  # the DeepSpeed JSON's clipping, if any
+        return PipelineEngine(runner_from_config(cfg, model, par.ctx))
+    from dgn_dist.game.training import build_training_optimizer
+
+    optimizer = build_training_optimizer(cfg, model, val)  # + §5.2 game options
+    par.attach(cfg, model, optimizer)  # dp reductions (a no-op for one process)
+    return LocalEngine(model, optimizer, par.autocast)
 
 
 def train(cfg: Config, on_step: StepHook | None = None) -> dict[str, Any]:
@@ -237,13 +275,7 @@ def train(cfg: Config, on_step: StepHook | None = None) -> dict[str, Any]:
             input problems (missing files, settings the model or optimizer rejects).
     """
     from dgn_dist.data import build_data
-    from dgn_dist.game.training import (
-        EXPORT_NAME,
-        build_training_optimizer,
-        export_model,
-        game_scalars,
-        prepare_model,
-    )
+    from dgn_dist.game.training import EXPORT_NAME, game_scalars, prepare_model
     from dgn_dist.models import build_model
 
     if not cfg.run.dir:
@@ -263,10 +295,11 @@ def train(cfg: Config, on_step: StepHook | None = None) -> dict[str, Any]:
     try:  # these raise ValueError for settings the config types cannot rule out
         model = build_model(cfg.model, data.input_shape, data.num_classes).to(device)
         model = prepare_model(cfg, model)  # fictitious players (eq. 16), game.players_per_layer
-        optimizer = build_training_optimizer(cfg, model, data.val)  # + §5.2 game options
+        engine = _build_engine(cfg, model, data.val, par)
     except ValueError as err:
         raise ConfigError(str(err)) from err
-    par.attach(cfg, model, optimizer)  # dp reductions (a no-op for one process)
+    optimizer = engine.optimizer
+    stats_par = par if engine.stats_are_local else None  # step statistics to sum over dp
     milestones = cfg.optim.milestones if cfg.optim.lr_schedule == "multistep" else []
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, cfg.optim.gamma)
     checkpoints = CheckpointManager(run_dir / "checkpoints", cfg.checkpoint.keep_last)
@@ -275,7 +308,7 @@ def train(cfg: Config, on_step: StepHook | None = None) -> dict[str, Any]:
         cfg.run.resume = "latest"  # torchrun restarted the workers after a failure
     if cfg.run.resume:
         path = checkpoints.resolve(cfg.run.resume)
-        prog = _restore(path, model, optimizer, scheduler, par)
+        prog = _restore(path, engine, scheduler, par)
         log(f"resumed from {path}: step {prog.step}, epoch {prog.epoch + 1}, "
             f"batch {prog.position}")
     wall_before = prog.wall_time_s
@@ -303,23 +336,23 @@ def train(cfg: Config, on_step: StepHook | None = None) -> dict[str, Any]:
         running statistics (after Ctrl-C, when the ranks may not be in step)."""
         nonlocal saved_at
         prog.epoch_stats = epoch_stats.state()
-        if collective and par.dp > 1:
+        if collective and stats_par is not None and par.dp > 1:
             keys = ("loss_sum", "correct", "seen", "steps")
             summed = par.sum_over_dp([float(prog.epoch_stats[k]) for k in keys])
             prog.epoch_stats = {"loss_sum": summed[0], "correct": int(summed[1]),
                                 "seen": int(summed[2]), "steps": epoch_stats.steps}
         prog.wall_time_s = wall_before + time.perf_counter() - session_start
         saved_at = prog.step
+        state = _checkpoint_state(cfg, engine, scheduler, prog, par)  # collective
         if not main:
             return None
-        return checkpoints.save(
-            _checkpoint_state(cfg, model, optimizer, scheduler, prog, par), prog.step)
+        return checkpoints.save(state, prog.step)
 
     def run_eval() -> tuple[float, float | None]:
         eval_par = par if par.shard_eval else None  # FFCV: every rank reads the whole split
-        test_acc, test_loss = evaluate(model, test_loader, device, eval_par)
-        val_acc = evaluate(model, val_loader, device, eval_par)[0] if val_loader is not None \
-            else None
+        test_acc, test_loss = evaluate(model, test_loader, device, eval_par, engine.predict)
+        val_acc = evaluate(model, val_loader, device, eval_par, engine.predict)[0] \
+            if val_loader is not None else None
         prog.best_test_acc = max(prog.best_test_acc or 0.0, test_acc)
         writer.scalars({"acc/test": test_acc, "loss/test": test_loss, "acc/val": val_acc},
                        prog.step)
@@ -328,11 +361,12 @@ def train(cfg: Config, on_step: StepHook | None = None) -> dict[str, Any]:
     def end_epoch(epoch_time: float) -> None:
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()  # milestones count epochs
-        if hasattr(optimizer, "damping") and cfg.curvature.damping_decay < 1.0:
-            optimizer.damping = max(optimizer.damping * cfg.curvature.damping_decay,
-                                    cfg.curvature.damping_min)
+        damping = _damping(optimizer)
+        if damping is not None and cfg.curvature.damping_decay < 1.0:
+            _set_damping(optimizer, max(damping * cfg.curvature.damping_decay,
+                                        cfg.curvature.damping_min))
         prog.epoch, prog.position = prog.epoch + 1, 0
-        train_acc, train_loss = global_acc_loss(epoch_stats, par)
+        train_acc, train_loss = global_acc_loss(epoch_stats, stats_par)
         epoch_stats.reset()
         test_acc = val_acc = None
         if prog.epoch % cfg.run.eval_every == 0 or prog.epoch == cfg.run.epochs:
@@ -362,17 +396,12 @@ def train(cfg: Config, on_step: StepHook | None = None) -> dict[str, Any]:
                 for x, y in bar:
                     consistent = False
                     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                    with torch.autocast(device.type, dtype=par.autocast or torch.bfloat16,
-                                        enabled=par.autocast is not None):
-                        logits = model(x)
-                        loss = F.cross_entropy(logits, y)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
+                    out = engine.train_step(x, y)
+                    loss = out.loss
                     prog.step, prog.position = prog.step + 1, prog.position + 1
                     prog.samples += len(y) * par.dp  # equal local batches
-                    epoch_stats.add(loss, logits, y)
-                    window.add(loss, logits, y)
+                    epoch_stats.add_counts(out.loss, out.correct, out.count)
+                    window.add_counts(out.loss, out.correct, out.count)
                     consistent = True
 
                     log_now = prog.step % cfg.logging.log_every == 0
@@ -384,13 +413,14 @@ def train(cfg: Config, on_step: StepHook | None = None) -> dict[str, Any]:
                     last = now
                     if log_now:
                         lr = optimizer.param_groups[0]["lr"]
-                        w_acc, w_loss = global_acc_loss(window, par)
+                        w_acc, w_loss = global_acc_loss(window, stats_par)
                         writer.scalars({"loss/train": w_loss, "acc/train": w_acc,
                                         "lr": lr, "time/step": window.time_s / window.steps},
                                        prog.step)
                         writer.scalars({f"comm/{k}_bytes": v / window.steps
                                         for k, v in par.counter.as_dict().items()}, prog.step)
                         par.counter.reset()
+                        writer.scalars(engine.scalars(), prog.step)  # pipeline: collective
                         bar.set_postfix_str(f"loss {w_loss:.4f}")
                         window.reset()
                         bandit = game_scalars(optimizer)
@@ -442,12 +472,12 @@ def train(cfg: Config, on_step: StepHook | None = None) -> dict[str, Any]:
         save()
     dashboard.write()  # runs that never reported per-player statistics
     writer.close()
-    if main:  # the plain model's state dict (fictitious players collapsed, eq. 16)
-        export_model(model, run_dir / EXPORT_NAME)
+    # the plain model's state dict (fictitious players collapsed, eq. 16); collective
+    engine.export(run_dir / EXPORT_NAME, write=main)
     train_loss: float | None
     train_acc: float | None
     if epoch_stats.seen:
-        train_acc, train_loss = global_acc_loss(epoch_stats, par)
+        train_acc, train_loss = global_acc_loss(epoch_stats, stats_par)
     elif last_record is not None:
         train_loss, train_acc = last_record["train_loss"], last_record["train_acc"]
     else:

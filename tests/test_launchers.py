@@ -92,3 +92,19 @@ def test_torchrun_restart_after_a_killed_worker_matches_uninterrupted(tmp_path: 
     got = torch.load(tmp_path / "faulty" / EXPORT_NAME, weights_only=True)
     for key, value in expected.items():
         torch.testing.assert_close(got[key], value, rtol=0, atol=0, msg=key)
+
+
+PIPELINE = ["--config", str(CONFIG), "run.max_steps=4", "data.synthetic_train_size=256",
+            "optim.name=dgnopt", "optim.lr=0.05", "curvature.damping=0.3",
+            "model.name=digits_resnet", "parallel.pp=2", "parallel.micro_batches=2"]
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate", "deepspeed"])
+def test_launcher_trains_pipeline_parallel(tmp_path: Path, launcher: str) -> None:
+    """pp=2 from the config under each launcher: the game's stages on two ranks."""
+    cmd, env = _launcher_cmd(launcher, free_port())
+    proc = _launch([*cmd, *PIPELINE, f"run.dir={tmp_path}"], env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["dp"] == 1 and summary["steps"] == 4
+    assert summary["launcher"] == launcher

@@ -41,7 +41,7 @@ from dgn_dist.distributed.dgnopt_dp import (
 )
 from dgn_dist.distributed.env import DistContext, init_distributed
 from dgn_dist.distributed.reduce import ByteCounter, ProcessGroup
-from dgn_dist.distributed.validate import DistributedSetupError, ParallelDims, check_parallel
+from dgn_dist.distributed.validate import ParallelDims, check_parallel
 from dgn_dist.sampler import ResumableSampler
 
 _MIB = 1 << 20
@@ -239,12 +239,13 @@ def setup_parallel(cfg: Config) -> ParallelRun:
     deepspeed = (read_deepspeed_json(cfg.parallel.deepspeed_config)
                  if cfg.parallel.deepspeed_config else DeepSpeedSettings())
     ctx = init_distributed(cfg.parallel.backend, cfg.run.device, cfg.parallel.timeout_s)
-    dims = check_parallel(cfg.parallel.pp, cfg.parallel.dp, ctx.world_size,
-                          global_batch=cfg.data.batch_size)
-    if dims.pp > 1:
-        raise DistributedSetupError(
-            f"parallel.pp={dims.pp}: pipeline-parallel training is not available in this "
-            f"trainer yet; use parallel.pp=1 (data parallel over all {ctx.world_size} ranks)")
+    if cfg.parallel.pp > 1:  # degrees, micro-batches, mode, DGNOpt-only (before any data)
+        from dgn_dist.pipeline.setup import check_pipeline
+
+        dims = check_pipeline(cfg, ctx.world_size)
+    else:
+        dims = check_parallel(cfg.parallel.pp, cfg.parallel.dp, ctx.world_size,
+                              global_batch=cfg.data.batch_size)
     clip = cfg.parallel.grad_clip or deepspeed.gradient_clipping
     run = ParallelRun(ctx, dims, autocast=autocast_dtype(cfg, ctx.device, deepspeed),
                       grad_clip=clip)
