@@ -142,6 +142,7 @@ def test_rescale_from_rows_equals_one_jvp_per_unit(info: str, batch_norm: bool,
         states = game.trajectory(torch.randn(b, 1, 4, 4, dtype=DT))
     outs, jvps = {}, {}
     original, original_jvp = sweep.rescale_gains, sweep.jvp_params
+    original_many = sweep.jvp_params_many
     for rows in (True, False):
         calls: list = []
         jvps[rows] = 0
@@ -157,8 +158,13 @@ def test_rescale_from_rows_equals_one_jvp_per_unit(info: str, batch_norm: bool,
             jvps[rows] += 1
             return original_jvp(*args, **kwargs)
 
+        def count_many(stage, params, x, directions, rows=rows):  # type: ignore[no-untyped-def]
+            jvps[rows] += len(directions)  # one JVP per direction, batched
+            return original_many(stage, params, x, directions)
+
         monkeypatch.setattr(sweep, "rescale_gains", spy)
         monkeypatch.setattr(sweep, "jvp_params", count)
+        monkeypatch.setattr(sweep, "jvp_params_many", count_many)
         torch.manual_seed(5)
         for t in (1, 2):
             stage = game.stages[t]
@@ -172,7 +178,7 @@ def test_rescale_from_rows_equals_one_jvp_per_unit(info: str, batch_norm: bool,
         outs[rows] = calls
     if batch_norm:  # the rows path is not taken
         assert jvps[True] == jvps[False], jvps
-    elif info == "fne":  # one JVP per stage instead of one per player
+    elif info == "fne":  # one JVP direction per stage instead of one per player
         assert jvps[True] < jvps[False], jvps
     assert len(outs[True]) == len(outs[False]) == 2
     assert any(float(s) > 1.0 for scales, _ in outs[False] for s in scales)  # rescaling active
@@ -183,3 +189,27 @@ def test_rescale_from_rows_equals_one_jvp_per_unit(info: str, batch_norm: bool,
             torch.testing.assert_close(x, y)
         for x, y in zip(jk_rows, jk_jvp, strict=True):
             torch.testing.assert_close(x, y)
+
+
+def test_batched_jvps_equal_one_jvp_per_direction() -> None:
+    """``jvp_params_many`` (vmap over tangents) equals a loop of ``jvp_params``, through
+    BatchNorm with batch statistics."""
+    from torch import nn
+
+    from dgn_dist.dgnopt.autodiff import jvp_params, jvp_params_many
+    from dgn_dist.models.blocks import ResidualBlock
+
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Tanh(),
+                          ResidualBlock(2, 3, nn.Tanh, stride=2, batch_norm=True),
+                          nn.Flatten(), nn.Linear(12, 3)).double()
+    game = game_of(model, "first")
+    with torch.no_grad():
+        states = game.trajectory(torch.randn(4, 1, 4, 4, dtype=DT))
+    stage = game.stages[1]
+    params = [p for pl in stage.players for p in pl.parameters()]
+    directions = [[torch.randn_like(p) for p in params] for _ in range(3)]
+    with frozen_batchnorm(stage):
+        many = jvp_params_many(stage, params, states[1], directions)
+        for got, d in zip(many, directions, strict=True):
+            for x, y in zip(got, jvp_params(stage, params, states[1], d), strict=True):
+                torch.testing.assert_close(x, y)

@@ -185,3 +185,40 @@ def test_runner_from_config_single_process_equals_dgnopt() -> None:
     for key, value in ref.state_dict().items():
         torch.testing.assert_close(model.state_dict()[key], value, rtol=1e-10, atol=1e-12)
     assert runner.optimizer.param_groups[0]["dgn_step"] == 2
+
+
+def test_bench_commands_reject_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
+    from dgn_dist.pipeline import bench, convergence
+
+    assert bench.main(["--models", "vgg"]) == 2
+    assert bench.main(["--batch-size", "10", "--micro-batches", "4"]) == 2
+    assert convergence.main(["--batch-size", "6", "--micro-batches", "4"]) == 2
+    assert "micro-batches" in capsys.readouterr().err
+
+
+def test_grad_clip_matches_dgnopt() -> None:
+    import torch.nn.functional as F
+
+    from dgn_dist.dgnopt import DGNOpt
+    from dgn_dist.distributed.env import DistContext
+    from dgn_dist.distributed.validate import ParallelDims
+    from dgn_dist.pipeline import build_pipeline_runner
+
+    opts = {"lr": 0.2, "info": "fne", "curvature": "kfac", "damping": 0.1}
+    torch.manual_seed(5)
+    ref, model = conv_residual(), conv_residual()
+    model.load_state_dict(ref.state_dict())
+    opt = DGNOpt(ref, **opts)  # type: ignore[arg-type]
+    opt.grad_clip = 1e-3
+    ctx = DistContext(0, 1, 0, torch.device("cpu"), None, "none", True)
+    runner = build_pipeline_runner(model, opts, ctx, ParallelDims(1, 1, 1), grad_clip=1e-3)
+    x = torch.randn(8, 1, 4, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (8,))
+    start = {k: v.clone() for k, v in ref.state_dict().items()}
+    F.cross_entropy(ref(x), y).backward()
+    opt.step()
+    runner.train_step(x, y)
+    for key, value in ref.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value, rtol=1e-10, atol=1e-13)
+    moved = max(float((ref.state_dict()[k] - start[k]).abs().max()) for k in start)
+    assert 0 < moved < 1e-3  # the clip was active

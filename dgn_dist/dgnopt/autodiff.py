@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, jvp
+from torch.func import functional_call, jvp, vmap
 
 from dgn_dist.game.core import Stage, State
 
@@ -51,6 +51,29 @@ def jvp_params(stage: Stage, params: Sequence[nn.Parameter], state: State,
     tangents = tuple(d.detach().to(p.dtype) for d, p in zip(directions, params, strict=True))
     _, tangent = jvp(f, tuple(p.detach() for p in params), tangents)
     return tangent
+
+
+def jvp_params_many(stage: Stage, params: Sequence[nn.Parameter], state: State,
+                    directions: Sequence[Sequence[Tensor]]) -> list[State]:
+    """``J_θ d_m`` for several parameter directions at once (``torch.func.vmap`` over the
+    tangents: the primal forward runs once); equal to one :func:`jvp_params` per direction."""
+    if len(directions) == 1:
+        return [jvp_params(stage, params, state, directions[0])]
+    keys = _param_keys(stage, params)
+    primal = tuple(s.detach() for s in state)
+    values = tuple(p.detach() for p in params)
+
+    def f(*vals: Tensor) -> State:
+        return functional_call(stage, dict(zip(keys, vals, strict=True)), (primal,),
+                               strict=False)
+
+    def tangent(*tangents: Tensor) -> State:
+        return jvp(f, values, tangents)[1]
+
+    stacked = tuple(torch.stack([d[i].detach().to(p.dtype) for d in directions])
+                    for i, p in enumerate(params))
+    out = vmap(tangent)(*stacked)
+    return [tuple(o[m] for o in out) for m in range(len(directions))]
 
 
 def jvp_state(stage: Stage, state: State, direction: State) -> State:

@@ -194,8 +194,8 @@ class KronBlock(Block):
         #: Keep this step's projected per-sample gradients for :meth:`gram_chunk` (set by
         #: the solver when a Gram matrix follows; up to ``PROJ_CACHE`` elements).
         self.keep_projections = False
-        self._proj: Tensor | None = None
-        self._building: Tensor | None = None
+        self._proj: list[tuple[int, Tensor]] | None = None  # (first sample, chunk)
+        self._building: list[tuple[int, Tensor]] | None = None
 
     def rows(self, batch: StageBatch) -> tuple[Tensor, Tensor]:
         """Joint input rows and mean output rows of this step."""
@@ -256,9 +256,10 @@ class KronBlock(Block):
         """``Q_Gᵀ ψ_{b,i} Q_A`` of the chunk's samples, ``[num, r, d_out, d_in]``, from the
         rows (:func:`~dgn_dist.optim.kronecker.projected_per_example`; the joint ``ψ`` is
         ``[ψ_1 | ψ_2 | ...]``, so each member contributes through its rows of ``Q_A``)."""
-        cached = self._proj
-        if cached is not None:
-            return cached[chunk.start:chunk.stop]
+        if self._proj is not None:
+            parts = [p[max(chunk.start - s, 0):chunk.stop - s] for s, p in self._proj
+                     if s < chunk.stop and s + p.shape[0] > chunk.start]
+            return parts[0] if len(parts) == 1 else torch.cat(parts)
         f, batch = self.factor, chunk.batch
         assert f.q_a is not None and f.q_g is not None
         num, r = chunk.stop - chunk.start, batch.rank
@@ -285,13 +286,12 @@ class KronBlock(Block):
         if not self.keep_projections or batch.num * proj[0].numel() > PROJ_CACHE:
             return
         if chunk.start == 0:
-            self._building = proj.new_empty(batch.num, *proj.shape[1:])
-        building = self._building
-        if building is None:
+            self._building = []
+        if self._building is None:
             return
-        building[chunk.start:chunk.stop] = proj
+        self._building.append((chunk.start, proj))
         if chunk.stop == batch.num:
-            self._proj, self._building = building, None
+            self._proj, self._building = self._building, None
 
     def release(self) -> None:
         """Drop the kept projections (end of the stage's sweep)."""

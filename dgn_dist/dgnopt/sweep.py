@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from dgn_dist.dgnopt.autodiff import jvp_params, vjp
+from dgn_dist.dgnopt.autodiff import jvp_params, jvp_params_many, vjp
 from dgn_dist.dgnopt.blocks import StageBatch
 from dgn_dist.dgnopt.capture import (
     PlayerTap,
@@ -217,21 +217,20 @@ def rescale_gains(stage: Stage, solver: StageSolver, x_t: State, q_theta: list[T
     units = solver.rescale_units()
     rows = batch is not None and not _couples_samples(stage) and all(
         batch.a[n] is not None and batch.g[n] is not None for n in range(len(views)))
-    jks: list[State | None] = []
+    jks: list[State | None] = [None] * len(units)
+    if not rows:  # one JVP per unit, batched over the units
+        jks = list(jvp_params_many(stage, params, x_t, [
+            [d for n, v in enumerate(views) for d in
+             (v.from_native(k[n]) if n in members else [torch.zeros_like(p) for p in v.params])]
+            for members, _ in units]))
     sums = []
-    for members, _ in units:
-        if rows:
+    for (members, _), jk in zip(units, jks, strict=True):
+        if jk is None:
             assert batch is not None
             coef = sum(_psi_dots(batch, views[n], n, k[n]) for n in members)
-            jks.append(None)
         else:
-            directions = [d for n, v in enumerate(views) for d in
-                          (v.from_native(k[n]) if n in members else
-                           [torch.zeros_like(p) for p in v.params])]
-            jk = jvp_params(stage, params, x_t, directions)
             coef = sum(torch.einsum("bi...,b...->bi", u, j) for u, j in
                        zip(u_next, jk, strict=False))
-            jks.append(jk)
         assert isinstance(coef, Tensor)
         sums.append((coef.to(torch.float64) ** 2).sum())
     gn_sums = torch.stack(sums)

@@ -192,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", default="exact,stale_k", help="pp=2 modes (default: %(default)s)")
     p.add_argument("--info", default="fne", choices=["olne", "fne", "gr"])
     p.add_argument("--curvature", default="kfac", choices=["identity", "diag", "kfac", "ekfac"])
-    p.add_argument("--partition", default="uniform")
+    p.add_argument("--partition", default="uniform", help="pp=2 partition: uniform, params "
+                   "or 'a,b' stage counts (default: %(default)s)")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads per process")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per configuration")
     p.add_argument("--json", metavar="OUT", default=None, help="also write raw results")
@@ -220,7 +221,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         common = {"model": model, "batch": args.batch_size, "steps": args.steps,
                   "warmup": args.warmup, "threads": args.threads, "timeout": args.timeout,
                   "optim": optim, "partition": args.partition, "micro": args.micro_batches}
-        rows = [("pp1", run_config({**common, "pp": 1, "mode": "exact"}))]
+        rows = [("pp1", run_config({**common, "pp": 1, "mode": "exact",
+                                    "partition": "uniform"}))]
         print(format_report(model, rows), flush=True)
         for m in modes:
             rows.append((f"pp2 {m}", run_config({**common, "pp": 2, "mode": m})))

@@ -8,6 +8,8 @@ Usage on every rank of a ``pp × dp`` job::
     logits = runner.predict(x_eval)            # every rank
     sd = runner.full_state_dict()              # the whole model, every rank (collective)
     scalars = runner.comm_stats()              # time/... comm/... memory/... (collective)
+    sched = LambdaLR(runner.optimizer, ...)    # lr / damping live in runner.optimizer
+    ckpt = runner.optimizer_state_dict()       # every stage's curvature state (collective)
 
 Each rank owns a contiguous range of stages (:mod:`dgn_dist.pipeline.partition`); with
 ``shard=True`` the other stages' parameters and buffers are moved to the ``meta`` device, so
@@ -325,7 +327,9 @@ def build_pipeline_runner(model: nn.Module, optimizer_kwargs: Mapping[str, Any],
     """Build the pipelined DGNOpt of ``model`` on every rank (collective: builds the mesh).
 
     Args:
-        model: the network (the same initial parameters on every rank, e.g. same seed).
+        model: the network, already on ``ctx.device``, with the same initial parameters on
+            every rank (e.g. same seed); with ``shard`` the stages of other ranks move to the
+            meta device, so move or wrap the model before this call, never after.
         optimizer_kwargs: DGNOpt keyword arguments (``dgn_dist.dgnopt.dgnopt_kwargs(cfg)``).
         ctx: the process's :class:`~dgn_dist.distributed.env.DistContext`.
         dims: the checked ``pp × dp`` degrees (``dims.world_size == ctx.world_size``).
