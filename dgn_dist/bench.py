@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
+import importlib
 import json
 import math
 import statistics
@@ -48,6 +49,9 @@ INPUT_SHAPES: dict[str, tuple[int, int, int]] = {
     "digits_resnet": (1, 8, 8), "mnist_resnet": (1, 28, 28), "mlp": (1, 8, 8)}
 DEFAULT_SHAPE = (3, 32, 32)
 NUM_CLASSES = 10
+
+#: ``dgn-bench NAME ...``: the distributed benchmarks.
+SUBCOMMANDS = {"dp": "dgn_dist.distributed.bench", "pipeline": "dgn_dist.pipeline.bench"}
 
 
 @dataclass
@@ -252,7 +256,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``dgn-bench``; 0 on success, 2 for bad arguments."""
+    """Entry point of ``dgn-bench``; 0 on success, 2 for bad arguments.
+
+    ``dgn-bench dp ...`` and ``dgn-bench pipeline ...`` run the data-parallel
+    (:mod:`dgn_dist.distributed.bench`) and pipeline (:mod:`dgn_dist.pipeline.bench`)
+    benchmarks instead.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        module = importlib.import_module(SUBCOMMANDS[argv[0]])
+        return int(module.main(argv[1:]))
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exit_:
