@@ -108,3 +108,17 @@ def test_launcher_trains_pipeline_parallel(tmp_path: Path, launcher: str) -> Non
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["dp"] == 1 and summary["steps"] == 4
     assert summary["launcher"] == launcher
+
+
+def test_dp_benchmark_reports_bytes_and_ratios(tmp_path: Path) -> None:
+    """`dgn-bench dp` runs dp=1 and dp=2 and reports per-category bytes (a smoke run)."""
+    out = tmp_path / "dp.json"
+    proc = _launch([str(BIN / "dgn-bench"), "dp", "--model", "mlp", "--optimizers",
+                    "sgd,dgnopt", "--batch", "32", "--steps", "1", "--warmup", "0",
+                    "--json", str(out)])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    dp2 = {r["optimizer"]: r for r in rows if r["setting"] == "dp=2"}
+    assert dp2["sgd"]["bytes_per_step"]["grad"] > 0
+    assert dp2["dgnopt"]["bytes_per_step"]["factor"] > 0
+    assert all(r["ms_per_step"] > 0 for r in rows)
