@@ -51,7 +51,8 @@ DEFAULT_SHAPE = (3, 32, 32)
 NUM_CLASSES = 10
 
 #: ``dgn-bench NAME ...``: the distributed benchmarks.
-SUBCOMMANDS = {"dp": "dgn_dist.distributed.bench", "pipeline": "dgn_dist.pipeline.bench"}
+SUBCOMMANDS = {"dp": "dgn_dist.distributed.bench", "pipeline": "dgn_dist.pipeline.bench",
+               "pipeline-convergence": "dgn_dist.pipeline.convergence"}
 
 
 @dataclass

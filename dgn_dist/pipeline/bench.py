@@ -1,4 +1,4 @@
-"""``dgn-bench-pipeline``: bytes per boundary, step time and memory of pipelined DGNOpt.
+"""``dgn-bench pipeline``: bytes per boundary, step time and memory of pipelined DGNOpt.
 
 For each model (synthetic data, fixed seed) it runs, each in fresh processes on gloo/CPU:
 
@@ -13,7 +13,7 @@ update pass carry ``mb·d``), and per rank the parameter, curvature-state and st
 bytes and the peak RSS. Every process uses ``--threads`` intra-op threads, so ``pp=2`` uses
 twice the cores of ``pp=1``.
 
-Example: ``dgn-bench-pipeline --models mnist_resnet,resnet18 --batch-size 64 --steps 3``.
+Example: ``dgn-bench pipeline --models mnist_resnet,resnet18 --batch-size 64 --steps 3``.
 """
 
 from __future__ import annotations
@@ -182,7 +182,7 @@ def format_report(model: str, rows: list[tuple[str, list[dict[str, Any]]]]) -> s
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dgn-bench-pipeline", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="dgn-bench pipeline", description=__doc__.split("\n")[0])
     p.add_argument("--models", default="mnist_resnet,resnet18",
                    help=f"comma list of {', '.join(MODELS)} (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=64)

@@ -64,7 +64,7 @@ def _train(rank: int, world: int, port: int, spec: dict[str, Any]) -> dict[str, 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; 0 on success, 2 for bad arguments."""
-    p = argparse.ArgumentParser(prog="dgn-pipeline-convergence", description=__doc__.split(
+    p = argparse.ArgumentParser(prog="dgn-bench pipeline-convergence", description=__doc__.split(
         "\n")[0])
     p.add_argument("--models", default="digits_resnet,mnist_resnet")
     p.add_argument("--epochs", type=int, default=3)
