@@ -148,7 +148,8 @@ def finish_stage(stage: Stage, solver: StageSolver, x_t: State, acc: StreamedSta
     u_next = tuple(torch.cat([u[i] for u in acc.u_next]) for i in range(len(acc.u_next[0]))) \
         if acc.u_next else None
     if opts.rescale and u_next is not None and views:
-        k, _ = rescale_gains(stage, solver, x_t, q_theta, k, u_next, opts.reducer)
+        k, _ = rescale_gains(stage, solver, x_t, q_theta, k, u_next, opts.reducer,
+                             batch=batch, need_jk=False)  # rows path: one JVP
     if k and not bool(torch.stack([torch.isfinite(kn).all() for kn in k]).all()):
         raise NonFiniteUpdate(f"non-finite open gain at stage {stage.name}")
     return StageSolution(k=k, u_next=u_next, q_theta=q_theta)
