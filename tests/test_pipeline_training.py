@@ -81,6 +81,7 @@ def _setup_error(rank: int, world: int, overrides: list[str]) -> str:
     (["parallel.pp=2", "optim.name=sgd"], "optim.name='dgnopt'"),
     (["parallel.pp=2", "parallel.micro_batches=5"], "micro_batches"),
     (["parallel.pp=2", "parallel.dp=2"], "launch 4 processes"),
+    (["parallel.pp=2", "data.loader=ffcv"], "data.loader='torch'"),
 ])
 def test_bad_pipeline_settings_fail_on_every_rank(overrides: list[str], needle: str) -> None:
     for message in run_distributed(_setup_error, 2, overrides, init=False, timeout=60.0):

@@ -41,7 +41,7 @@ from dgn_dist.distributed.dgnopt_dp import (
 )
 from dgn_dist.distributed.env import DistContext, init_distributed
 from dgn_dist.distributed.reduce import ByteCounter, ProcessGroup
-from dgn_dist.distributed.validate import ParallelDims, check_parallel
+from dgn_dist.distributed.validate import DistributedSetupError, ParallelDims, check_parallel
 from dgn_dist.sampler import ResumableSampler
 
 _MIB = 1 << 20
@@ -243,6 +243,10 @@ def setup_parallel(cfg: Config) -> ParallelRun:
         from dgn_dist.pipeline.setup import check_pipeline
 
         dims = check_pipeline(cfg, ctx.world_size)
+        if cfg.data.loader == "ffcv":  # FFCV shards over every rank, not per dp replica
+            raise DistributedSetupError(
+                f"data.loader='ffcv' with parallel.pp={dims.pp}: FFCV would give each "
+                "pipeline rank a different shard; use data.loader='torch' for pipelined runs")
     else:
         dims = check_parallel(cfg.parallel.pp, cfg.parallel.dp, ctx.world_size,
                               global_batch=cfg.data.batch_size)
