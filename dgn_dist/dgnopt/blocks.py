@@ -53,6 +53,13 @@ def _batch_dot(x: Tensor, y: Tensor, lead: int) -> Tensor:
     return (x * y).reshape(*x.shape[:lead], -1).sum(-1)
 
 
+def _cached(kept: list[tuple[int, Tensor]], chunk: PsiChunk) -> Tensor:
+    """The rows of samples ``[chunk.start, chunk.stop)`` of kept ``(first sample, rows)``."""
+    parts = [p[max(chunk.start - s, 0):chunk.stop - s] for s, p in kept
+             if s < chunk.stop and s + p.shape[0] > chunk.start]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 class Block:
     """Base class: ``members`` are stage-solver player indices, ``damping`` is set per step."""
 
@@ -195,6 +202,8 @@ class KronBlock(Block):
         #: the solver when a Gram matrix follows; up to ``PROJ_CACHE`` elements).
         self.keep_projections = False
         self._proj: list[tuple[int, Tensor]] | None = None  # (first sample, chunk)
+        #: Rank 1: the squared projections instead (all a rank-1 Gram matrix needs).
+        self._proj_sq: list[tuple[int, Tensor]] | None = None
         self._building: list[tuple[int, Tensor]] | None = None
 
     def rows(self, batch: StageBatch) -> tuple[Tensor, Tensor]:
@@ -257,9 +266,7 @@ class KronBlock(Block):
         rows (:func:`~dgn_dist.optim.kronecker.projected_per_example`; the joint ``ψ`` is
         ``[ψ_1 | ψ_2 | ...]``, so each member contributes through its rows of ``Q_A``)."""
         if self._proj is not None:
-            parts = [p[max(chunk.start - s, 0):chunk.stop - s] for s, p in self._proj
-                     if s < chunk.stop and s + p.shape[0] > chunk.start]
-            return parts[0] if len(parts) == 1 else torch.cat(parts)
+            return _cached(self._proj, chunk)
         f, batch = self.factor, chunk.batch
         assert f.q_a is not None and f.q_g is not None
         num, r = chunk.stop - chunk.start, batch.rank
@@ -280,8 +287,9 @@ class KronBlock(Block):
         assert proj is not None
         return proj
 
-    def _keep(self, chunk: PsiChunk, proj: Tensor) -> None:
-        """Store a chunk's projections when the whole batch fits in ``PROJ_CACHE``."""
+    def _keep(self, chunk: PsiChunk, proj: Tensor, squared: bool = False) -> None:
+        """Store a chunk's projections (``squared``: their squares, rank 1) when the whole
+        batch fits in ``PROJ_CACHE``."""
         batch = chunk.batch
         if not self.keep_projections or batch.num * proj[0].numel() > PROJ_CACHE:
             return
@@ -291,11 +299,14 @@ class KronBlock(Block):
             return
         self._building.append((chunk.start, proj))
         if chunk.stop == batch.num:
-            self._proj, self._building = self._building, None
+            if squared:
+                self._proj_sq, self._building = self._building, None
+            else:
+                self._proj, self._building = self._building, None
 
     def release(self) -> None:
         """Drop the kept projections (end of the stage's sweep)."""
-        self._proj, self._building = None, None
+        self._proj, self._proj_sq, self._building = None, None, None
 
     def psi_stats(self, psis: Native) -> None:
         if self.zero_cross and len(self.widths) > 1:
@@ -304,8 +315,15 @@ class KronBlock(Block):
         assert f.q_a is not None and f.q_g is not None
         if isinstance(psis, PsiChunk):
             proj = self.projected(psis)
-            self._keep(psis, proj)
-            sq = proj.square().sum((0, 1))
+            if psis.batch.rank == 1:  # the rank-1 Gram matrix reads only the squares
+                # fresh projections (nothing kept yet this step): square them in place
+                squares = proj.square_() if self._proj is None else proj.square()
+                self._keep(psis, squares, squared=True)
+            else:
+                squares = proj.square()
+                self._keep(psis, proj)
+            del proj
+            sq = squares.sum((0, 1))
         else:
             sq = (f.q_g.T @ self.joint(psis).to(f.q_g.dtype) @ f.q_a).square().sum(0)
         self._acc = sq if self._acc is None else self._acc + sq
@@ -314,8 +332,11 @@ class KronBlock(Block):
         """``coef · <ψ_{b,i}, (A ⊗ G + λ)⁻¹ ψ_{b,j}>`` for the chunk's samples, ``[num, r, r]``:
         in the eigenbasis ``Σ P_{b,i} P_{b,j} / (S + λ)`` with ``P`` the projections (the
         orthogonal back-projection of :meth:`solve_joint` cancels in the inner product)."""
-        proj = self.projected(chunk).flatten(2)  # [num, r, d_out * d_in]
         weight = (coef / (self.factor.eigen_scale() + self.damping)).reshape(-1)
+        if self._proj_sq is not None:  # rank 1: Σ_d P_d² w_d, one pass over the squares
+            squares = _cached(self._proj_sq, chunk).flatten(1)  # [num, d_out * d_in]
+            return (squares @ weight.to(squares.dtype)).reshape(-1, 1, 1)
+        proj = self.projected(chunk).flatten(2)  # [num, r, d_out * d_in]
         return (proj * weight.to(proj.dtype)) @ proj.transpose(1, 2)
 
     def psi_accumulators(self) -> list[Tensor]:

@@ -49,6 +49,18 @@ class NonFiniteUpdate(RuntimeError):
     """A non-finite statistic or update; the step is skipped and no parameter changes."""
 
 
+def all_finite(tensors: Sequence[Tensor]) -> bool:
+    """True when no tensor holds a NaN or an infinity (empty tensors count as finite).
+
+    One ``aminmax`` reduction per tensor: NaN propagates into both results and an infinity
+    is the maximum or the minimum, so this equals ``isfinite(t).all()`` without the boolean
+    temporary (the input rows of a convolution are large, and ``isfinite`` is ~30x slower).
+    """
+    extremes = [torch.stack(torch.aminmax(t.detach().reshape(-1))).to(torch.float64)
+                for t in tensors if t.numel()]
+    return not extremes or bool(torch.isfinite(torch.cat(extremes)).all())
+
+
 class StageSolver:
     """The curvature blocks of one stage and the solves built on them.
 
@@ -148,7 +160,7 @@ class StageSolver:
             if isinstance(blk, KronBlock):
                 blk.keep_projections = keep_projections
         tensors = [t for t in (*batch.q_theta, *batch.a, *batch.g) if t is not None]
-        finite = not tensors or bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+        finite = all_finite(tensors)
         if not reducer.agree(finite):
             raise NonFiniteUpdate(f"non-finite curvature statistics at stage {self.name}")
         reduced = reducer.reduce_stats([blk.batch_stats(batch, update_factors)

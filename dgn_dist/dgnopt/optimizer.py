@@ -40,7 +40,7 @@ from torch.optim import Optimizer
 from dgn_dist.dgnopt.alignment import AlignmentHook, check_alignments
 from dgn_dist.dgnopt.baselines import DiagRule, kl_clip_scale
 from dgn_dist.dgnopt.capture import frozen_batchnorm
-from dgn_dist.dgnopt.gains import StageSolver
+from dgn_dist.dgnopt.gains import StageSolver, all_finite
 from dgn_dist.dgnopt.options import check_options
 from dgn_dist.dgnopt.reduction import LOCAL, Reducer
 from dgn_dist.dgnopt.stats import tag, to_floats, value_stats
@@ -291,11 +291,12 @@ class DGNOpt(Optimizer):
         for t in reversed(range(len(stages))):
             sol, vx_prev, u_prev = sweep_stage(stages[t], self.solvers[t], states[t], vx_t, u,
                                                opts, need_value=t > 0)
-            if not bool(torch.stack([torch.isfinite(k).all() for k in sol.k]).all()
-                        if sol.k else True):
+            if not all_finite(sol.k):
                 raise NonFiniteUpdate(f"non-finite open gain at stage {stages[t].name}")
+            sol.q_theta = sol.q_theta if self.kl_clip > 0 or self.grad_clip > 0 else []  # memory
             solutions.insert(0, sol)
-            keep["vx"][t], keep["u"][t], keep["k"][t] = vx_prev, u_prev, sol.k
+            if self.keep_sweep:  # else V_x^t, U^t die with the next stage (memory)
+                keep["vx"][t], keep["u"][t], keep["k"][t] = vx_prev, u_prev, sol.k
             if record:
                 name = tag(stages[t].name)
                 if vx_prev is not None:

@@ -116,10 +116,13 @@ def sweep_stage(stage: Stage, solver: StageSolver, x_t: State, vx_next: State,
     params = [p for v in views for p in v.params]
     plain = not opts.feedback
     xs = leaves(x_t) if need_value else tuple(s.detach() for s in x_t)
-    with PlayerTap([v.player for v in views]) as tap:
+    factors = opts.use_factors and u_next is not None and bool(views or need_value)
+    # Rank 1: the factor pass pulls U back through this same forward (no repeated samples).
+    share = factors and u_next is not None and u_next[0].shape[1] == 1
+    with PlayerTap([v.player for v in views], clone_outputs=share) as tap:
         out = stage(xs)
     roots = list(params) + (list(xs) if need_value and plain else [])
-    grads = vjp(out, vx_next, roots, retain_graph=need_value and not plain)
+    grads = vjp(out, vx_next, roots, retain_graph=share or (need_value and not plain))
     q_theta, offset = [], 0
     for v in views:
         g = grads[offset:offset + len(v.params)]
@@ -133,8 +136,10 @@ def sweep_stage(stage: Stage, solver: StageSolver, x_t: State, vx_next: State,
     batch = StageBatch(num=x_t[0].shape[0], rank=1, q_theta=q_theta,
                        a=[None] * len(views), g=[None] * len(views))
     w: State | None = None
-    if opts.use_factors and u_next is not None and (views or need_value):
-        w = _factor_pass(stage, views, x_t, u_next, batch, tap, need_value)
+    if factors and u_next is not None:
+        w = _factor_pass(stage, views, x_t, u_next, batch, tap, need_value,
+                         shared=(out, xs) if share else None,
+                         retain_graph=share and need_value and not plain)
     pending_q.wait()
     if opts.weight_decay:
         q_theta[:] = [q + opts.weight_decay * v.theta() for q, v in zip(q_theta, views,
@@ -327,21 +332,35 @@ def feedback_consistency_scale(solver: StageSolver, batch: StageBatch,
 
 
 def _factor_pass(stage: Stage, views: list[PlayerView], x_t: State, u_next: State,
-                 batch: StageBatch, tap: PlayerTap, need_value: bool) -> State:
-    """Pull the factors back through the stage in one autograd call (module docstring)."""
+                 batch: StageBatch, tap: PlayerTap, need_value: bool, *,
+                 shared: tuple[State, State] | None = None,
+                 retain_graph: bool = False) -> State:
+    """Pull the factors back through the stage in one autograd call (module docstring).
+
+    ``shared = (out, xs)``: rank 1 only -- pull back through that forward of ``xs`` (its
+    graph retained, ``tap`` recorded it with ``clone_outputs=True``, ``xs`` leaves when
+    ``need_value``) instead of running the stage again; ``retain_graph`` keeps it for a
+    later VJP."""
     b, r = u_next[0].shape[0], u_next[0].shape[1]
     batch.rank = r
     for n, v in enumerate(views):
         inp = tap.input(n)
         batch.a[n] = v.a_rows(inp) if v.kron else v.normalized_input(inp)
-    xr = repeat_samples(x_t, r)
-    if need_value:
-        xr = leaves(xr)
-    tap_r = PlayerTap([v.player for v in views], clone_outputs=True)
-    with tap_r:
-        out_r = stage(xr)
+    if shared is not None:
+        if r != 1:
+            raise ValueError(f"shared: the factor pass reuses a forward only at rank 1; got "
+                             f"rank {r} (pass shared=None)")
+        out_r, xr = shared
+        tap_r = tap
+    else:
+        xr = repeat_samples(x_t, r)
+        if need_value:
+            xr = leaves(xr)
+        tap_r = PlayerTap([v.player for v in views], clone_outputs=True)
+        with tap_r:
+            out_r = stage(xr)
     roots = [tap_r.output(n) for n in range(len(views))] + (list(xr) if need_value else [])
-    grads = vjp(out_r, flat_factors(u_next), roots)
+    grads = vjp(out_r, flat_factors(u_next), roots, retain_graph=retain_graph)
     for n, v in enumerate(views):
         batch.g[n] = v.g_rows(grads[n]) if v.kron else grads[n].detach()
     if not need_value:

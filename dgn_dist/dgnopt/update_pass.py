@@ -18,11 +18,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.autograd.forward_ad as fwad
 from torch import Tensor
 
 from dgn_dist.dgnopt.autodiff import jvp_state, vjp
 from dgn_dist.dgnopt.capture import contract_factors
-from dgn_dist.dgnopt.gains import NonFiniteUpdate, StageSolver
+from dgn_dist.dgnopt.gains import NonFiniteUpdate, StageSolver, all_finite
 from dgn_dist.dgnopt.reduction import LOCAL, Reducer
 from dgn_dist.dgnopt.sweep import StageSolution
 from dgn_dist.game.core import Stage, State
@@ -40,15 +41,28 @@ class UpdateRecord:
 
 def feedback_term(stage: Stage, solver: StageSolver, x_t: State, dx: State,
                   u_next: State, reducer: Reducer = LOCAL) -> list[Tensor]:
-    """``K δX = Q_θθ⁻¹ Q_θx δX`` in native form (one JVP, one VJP, one solve); the weighted
-    gradient ``Q_θx δX`` is a sum over examples, summed over the replicas (``reducer``)."""
+    """``K δX = Q_θθ⁻¹ Q_θx δX`` in native form; the weighted gradient ``Q_θx δX`` is a sum
+    over examples, summed over the replicas (``reducer``). One forward-mode (dual) forward
+    gives ``J_x δX`` as its tangent and the VJP graph on its primal, then one VJP, one
+    solve."""
     views = solver.views
     params = [p for v in views for p in v.params]
-    jx = jvp_state(stage, x_t, dx)
-    coef = contract_factors(u_next, jx)
-    with torch.enable_grad():
-        out = stage(tuple(s.detach() for s in x_t))
-        grads = vjp(out, coef, params)
+    if not params:
+        jx = jvp_state(stage, x_t, dx)
+        coef = contract_factors(u_next, jx)
+        with torch.enable_grad():
+            out = stage(tuple(s.detach() for s in x_t))
+            grads = vjp(out, coef, params)
+    else:  # one forward: the primal carries the VJP graph, the tangent is J_x δX
+        with torch.enable_grad(), fwad.dual_level():
+            out_dual = stage(tuple(fwad.make_dual(s.detach(), d.detach().to(s.dtype))
+                                   for s, d in zip(x_t, dx, strict=True)))
+            parts = [fwad.unpack_dual(o) for o in out_dual]
+            out = tuple(p.primal for p in parts)
+            jx = tuple(torch.zeros_like(p.primal) if p.tangent is None else p.tangent.detach()
+                       for p in parts)
+            coef = contract_factors(u_next, jx)
+            grads = vjp(out, coef, params)
     rhs, offset = [], 0
     for v in views:
         rhs.append(v.to_native([g.detach() for g in grads[offset:offset + len(v.params)]]))
@@ -95,7 +109,7 @@ def update_pass(stages: Sequence[Stage], solvers: Sequence[StageSolver],
                     rec.open_norm[v.name] = open_part.norm().detach()
                     rec.feedback_norm[v.name] = (step - open_part).norm().detach()
                 steps.append(step)
-            if steps and not bool(torch.stack([torch.isfinite(s).all() for s in steps]).all()):
+            if steps and not all_finite(steps):
                 raise NonFiniteUpdate(f"non-finite update at stage {stage.name}")
             with torch.no_grad():
                 for v, step in zip(views, steps, strict=False):
