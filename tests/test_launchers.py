@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -75,21 +76,41 @@ def test_accelerate_without_cpu_variable_is_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "summary.json").exists()
 
 
+def _launch_once_more_on_failure(make_cmd: Any) -> subprocess.CompletedProcess[str]:
+    """Launch; if the launcher itself failed (e.g. a rendezvous port taken meanwhile), launch
+    once more on fresh ports. What the run computes is asserted on by the caller."""
+    proc = _launch(make_cmd(free_port()))
+    if proc.returncode != 0:
+        print("first launch failed, retrying:\n", proc.stdout[-3000:], proc.stderr[-5000:])
+        proc = _launch(make_cmd(free_port()))
+    return proc
+
+
 def test_torchrun_restart_after_a_killed_worker_matches_uninterrupted(tmp_path: Path) -> None:
     base = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--max-restarts", "1"]
-    whole = _launch([*base, "--master_port", str(free_port()), "-m", "dgn_dist.train",
-                     *TRAIN, f"run.dir={tmp_path / 'whole'}"])
+    whole = _launch_once_more_on_failure(lambda port: [
+        *base, "--master_port", str(port), "-m", "dgn_dist.train", *TRAIN,
+        f"run.dir={tmp_path / 'whole'}"])
     _summary(tmp_path / "whole", whole)
-    # rank 1 SIGKILLs itself after step 5; the last checkpoint is step 4
-    faulty = _launch([*base, "--master_port", str(free_port()),
-                      str(ROOT / "tests" / "scripts" / "fault_worker.py"), "1", "5",
-                      *TRAIN, f"run.dir={tmp_path / 'faulty'}"])
-    assert faulty.returncode == 0, faulty.stdout[-3000:] + faulty.stderr[-3000:]
-    assert "resumed from" in faulty.stdout and "step-4.pt" in faulty.stdout
-    summary = json.loads((tmp_path / "faulty" / "summary.json").read_text())
+    faulty_dirs = iter([tmp_path / "faulty", tmp_path / "faulty-again"])
+    faulty_dir = tmp_path / "faulty"
+
+    def faulty_cmd(port: int) -> list[str]:
+        nonlocal faulty_dir
+        faulty_dir = next(faulty_dirs)
+        # rank 1 SIGKILLs itself after step 5; the last checkpoint is step 4
+        return [*base, "--master_port", str(port),
+                str(ROOT / "tests" / "scripts" / "fault_worker.py"), "1", "5", *TRAIN,
+                f"run.dir={faulty_dir}"]
+
+    faulty = _launch_once_more_on_failure(faulty_cmd)
+    assert faulty.returncode == 0, faulty.stdout[-3000:] + faulty.stderr[-5000:]
+    assert "resumed from" in faulty.stdout and "step-4.pt" in faulty.stdout, \
+        faulty.stdout[-3000:] + faulty.stderr[-5000:]
+    summary = json.loads((faulty_dir / "summary.json").read_text())
     assert summary["steps"] == 6
     expected = torch.load(tmp_path / "whole" / EXPORT_NAME, weights_only=True)
-    got = torch.load(tmp_path / "faulty" / EXPORT_NAME, weights_only=True)
+    got = torch.load(faulty_dir / EXPORT_NAME, weights_only=True)
     for key, value in expected.items():
         torch.testing.assert_close(got[key], value, rtol=0, atol=0, msg=key)
 
