@@ -167,7 +167,8 @@ def measure(model_name: str, optim_name: str, batch_size: int, steps: int, warmu
             times.append(1000.0 * (time.perf_counter() - start))
     peak = probe.peak_mib()
     if profile:
-        print(profile_table(lambda: [one_step(warmup + steps + i) for i in range(2)],
+        print(profile_table(lambda: [one_step(warmup + steps + i)  # type: ignore[func-returns-value]
+                                     for i in range(2)],
                             device, profile, f"{model_name} / {optim_name}"), flush=True)
     return Result(model_name, optim_name, statistics.median(times), statistics.fmean(times),
                   peak)

@@ -219,7 +219,7 @@ class DGNOpt(Optimizer):
     def feedback(self) -> bool:
         return self.info != "olne" and not self.zero_feedback
 
-    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Any = None) -> Any:
         """One DGNOpt iteration on the captured batch (see the module docstring)."""
         loss = None
         if closure is not None:
@@ -268,7 +268,7 @@ class DGNOpt(Optimizer):
                             refresh=step % self.inverse_interval == 0, record=record,
                             rescale=self.rescale, reducer=self.reducer,
                             consistent_feedback=self.feedback_consistency)
-        stages = list(self.game.stages)
+        stages = self.game.stage_list()
         with torch.no_grad():
             states = self.game.trajectory(x)
         if states[-1][0].shape != v_x.shape:

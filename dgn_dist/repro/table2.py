@@ -244,7 +244,9 @@ def reproduce(args: argparse.Namespace, train_fn: TrainFn | None = None,
         the log: missing learning rates, bad counts).
     """
     if train_fn is None:
-        from dgn_dist.trainer import train as train_fn
+        from dgn_dist.trainer import train
+
+        train_fn = train
     started = time.perf_counter()
     labels: list[str] = args.optimizers
     for name in ("seeds", "tune_seeds", "tune_points"):
