@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from dgnopt_helpers import fast_step
 from torch import nn
 
 from dgn_dist.config import Config, ConfigError, load_config
@@ -199,15 +200,9 @@ def _lift_oracle(game, x, y, lr: float, p_diag, weight_decay: float, apply: bool
 
 
 def _lift_fast(model, game, x, y, lr: float, consistent: bool = True, **kw: object) -> DGNOpt:
-    opt = DGNOpt(model, game=game, lr=1.0, info="fne", gain_scale=lr, rescale=False,
-                 vxx="exact", ema_decay=0.0, stats_every=1,
-                 feedback_consistency=consistent, **kw)  # type: ignore[arg-type]
-    opt.keep_sweep = True
-    loss = F.cross_entropy(model(x), y)
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
-    return opt
+    return fast_step(model, game, x, y, lr=1.0, info="fne", gain_scale=lr, rescale=False,
+                     vxx="exact", ema_decay=0.0, stats_every=1,
+                     feedback_consistency=consistent, **kw)
 
 
 def _param_count(game, t: int) -> int:

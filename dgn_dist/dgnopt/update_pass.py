@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.autograd.forward_ad as fwad
@@ -71,6 +72,18 @@ def feedback_term(stage: Stage, solver: StageSolver, x_t: State, dx: State,
     return solver.solve(rhs)
 
 
+@torch.no_grad()
+def apply_steps(stage: Stage, views: Sequence[Any], steps: Sequence[Tensor], x_new: State,
+                backups: list[tuple[Tensor, Tensor]]) -> State:
+    """``θ ← θ − step`` for each player view (old values appended to ``backups``, so a
+    non-finite step can be undone), then the stage's new output ``F(X_new, θ_new)``."""
+    for v, step in zip(views, steps, strict=False):
+        for p, d in zip(v.params, v.from_native(step), strict=False):
+            backups.append((p, p.detach().clone()))
+            p.sub_(d.to(p.dtype))
+    return stage(x_new)
+
+
 def update_pass(stages: Sequence[Stage], solvers: Sequence[StageSolver],
                 states: Sequence[State], solutions: Sequence[StageSolution], *, lr: float,
                 feedback_scale: float, feedback: bool,
@@ -111,12 +124,7 @@ def update_pass(stages: Sequence[Stage], solvers: Sequence[StageSolver],
                 steps.append(step)
             if steps and not all_finite(steps):
                 raise NonFiniteUpdate(f"non-finite update at stage {stage.name}")
-            with torch.no_grad():
-                for v, step in zip(views, steps, strict=False):
-                    for p, d in zip(v.params, v.from_native(step), strict=False):
-                        backups.append((p, p.detach().clone()))
-                        p.sub_(d.to(p.dtype))
-                x_new = stage(x_new)
+            x_new = apply_steps(stage, views, steps, x_new, backups)
             dx = tuple(a - b.detach() for a, b in zip(x_new, states[t + 1], strict=False))
     except NonFiniteUpdate:
         with torch.no_grad():

@@ -37,7 +37,7 @@ from dgn_dist.dgnopt.sweep import (
     _refactor,
     rescale_gains,
 )
-from dgn_dist.dgnopt.update_pass import feedback_term
+from dgn_dist.dgnopt.update_pass import apply_steps, feedback_term
 from dgn_dist.game.core import Stage, State
 
 
@@ -200,12 +200,7 @@ def update_range(stages: Sequence[Stage], solvers: Sequence[StageSolver],
             nan = tuple(torch.full_like(s, float("nan")) for s in states[t + 1])
             x_new, dx = nan, nan
             continue
-        with torch.no_grad():
-            for v, step in zip(views, steps, strict=True):
-                for p, d in zip(v.params, v.from_native(step), strict=True):
-                    backups.append((p, p.detach().clone()))
-                    p.sub_(d.to(p.dtype))
-            x_new = stage(x_new)
+        x_new = apply_steps(stage, views, steps, x_new, backups)
         dx = tuple(a - b.detach() for a, b in zip(x_new, states[t + 1], strict=True))
     assert dx is not None
     return RangeUpdate(x_new, dx, finite, backups)
