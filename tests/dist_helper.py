@@ -172,3 +172,21 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
         raise DistributedTestError(
             f"{len(errors)} of {world_size} ranks failed ({sorted(errors)}):\n{text}")
     return [values[r] for r in range(world_size)]
+
+
+def expect_setup_error(rank: int, world_size: int, config: str, overrides: list[str]) -> str:
+    """A :func:`run_distributed` body: ``train()`` with ``config`` and ``overrides`` must
+    raise :class:`~dgn_dist.config.ConfigError` before it writes anything; its message.
+
+    Raises:
+        AssertionError: ``train()`` accepted the settings.
+    """
+    del rank, world_size
+    from dgn_dist.config import ConfigError, load_config
+    from dgn_dist.trainer import train
+
+    try:
+        train(load_config(config, ["run.dir=/nonexistent/never-written", *overrides]))
+    except ConfigError as err:
+        return str(err)
+    raise AssertionError(f"train() accepted the bad settings {overrides}")

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 import torch
-from dist_helper import run_distributed
+from dist_helper import expect_setup_error, run_distributed
 
-from dgn_dist.config import ConfigError, load_config
+from dgn_dist.config import load_config
 from dgn_dist.distributed.training import ShardedBatchSampler, steps_per_epoch
 from dgn_dist.game.training import EXPORT_NAME
 from dgn_dist.sampler import ResumableSampler
@@ -86,22 +86,14 @@ def test_resume_under_another_dp_degree(tmp_path: Path) -> None:
         torch.testing.assert_close(got[key], value, rtol=2e-4, atol=2e-5, msg=key)
 
 
-def _expect_setup_error(rank: int, world: int, overrides: list[str]) -> str:
-    del rank, world
-    try:
-        train(_cfg(Path("/nonexistent/never-written"), *overrides))
-    except ConfigError as err:
-        return str(err)
-    raise AssertionError("train() accepted a bad parallel setting")
-
-
 @pytest.mark.parametrize(("overrides", "needle"), [
     (["parallel.dp=4"], "launch 4 processes"),
     (["data.batch_size=33"], "not divisible by the data-parallel degree dp=2"),
     (["parallel.backend=nccl"], "nccl"),
 ])
 def test_bad_parallel_settings_fail_on_every_rank(overrides: list[str], needle: str) -> None:
-    messages = run_distributed(_expect_setup_error, 2, overrides, init=False, timeout=60.0)
+    messages = run_distributed(expect_setup_error, 2, str(CONFIG), [*SMALL, *overrides],
+                               init=False, timeout=60.0)
     for message in messages:
         assert needle in message, message
 

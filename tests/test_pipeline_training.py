@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 import torch
-from dist_helper import run_distributed
+from dist_helper import expect_setup_error, run_distributed
 
-from dgn_dist.config import ConfigError, load_config
+from dgn_dist.config import load_config
 from dgn_dist.game.training import EXPORT_NAME
 from dgn_dist.trainer import train
 
@@ -68,15 +68,6 @@ def test_pp2_resume_equals_uninterrupted(tmp_path: Path) -> None:
     _close(tmp_path / "whole", tmp_path / "split")
 
 
-def _setup_error(rank: int, world: int, overrides: list[str]) -> str:
-    del rank, world
-    try:
-        train(_cfg(Path("/nonexistent/never-written"), *overrides))
-    except ConfigError as err:
-        return str(err)
-    raise AssertionError("train() accepted a bad pipeline setting")
-
-
 @pytest.mark.parametrize(("overrides", "needle"), [
     (["parallel.pp=2", "optim.name=sgd"], "optim.name='dgnopt'"),
     (["parallel.pp=2", "parallel.micro_batches=5"], "micro_batches"),
@@ -84,5 +75,6 @@ def _setup_error(rank: int, world: int, overrides: list[str]) -> str:
     (["parallel.pp=2", "data.loader=ffcv"], "data.loader='torch'"),
 ])
 def test_bad_pipeline_settings_fail_on_every_rank(overrides: list[str], needle: str) -> None:
-    for message in run_distributed(_setup_error, 2, overrides, init=False, timeout=60.0):
+    for message in run_distributed(expect_setup_error, 2, str(CONFIG), [*BASE, *overrides],
+                                   init=False, timeout=60.0):
         assert needle in message, message

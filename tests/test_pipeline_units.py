@@ -104,18 +104,26 @@ def test_meta_shapes_match_a_real_trajectory() -> None:
     assert all(p.device.type == "cpu" for p in game.parameters())  # the copy is separate
 
 
+@pytest.mark.parametrize(("vxx", "curvature"), [("exact", "kfac"), ("empirical", "kfac"),
+                                               ("exact", "ekfac"), ("empirical", "ekfac")])
 @pytest.mark.parametrize("info", ["fne", "gr"])
-def test_stream_with_the_current_gain_equals_the_exact_sweep(info: str) -> None:
+def test_stream_with_the_current_gain_equals_the_exact_sweep(info: str, vxx: str,
+                                                             curvature: str) -> None:
     """stream_stage given THIS step's gain and curvature reproduces sweep_stage's V_x^t and
-    U^t micro-batch by micro-batch; finish_stage on the streamed statistics of a fresh
-    solver gives sweep_stage's k (so stale_k differs from exact only by the stale gain)."""
+    U^t micro-batch by micro-batch; finish_stage on the streamed statistics of a solver in
+    the same state gives sweep_stage's k and curvature state (so stale_k differs from exact
+    only by the stale gain). ``empirical`` (rank 1) takes the shared-forward factor pass,
+    ``exact`` (rank 10) the repeated-samples one; with ``ekfac`` both solvers first take one
+    identical step, so that the second (no eigenbasis refresh) sums the EKFAC scaling per
+    micro-batch and the stream's Gram reuses those projections."""
     game = linear_residual("first") if info == "gr" else _game()
     x = torch.randn(6, 4, dtype=torch.float64) if info == "gr" else \
         torch.randn(6, 1, 4, 4, dtype=torch.float64)
     states = game.trajectory(x)
     logits = states[-1][0]
     v_x = torch.softmax(logits, 1) / 6
-    u = (terminal_factors(logits, v_x, "exact"),)
+    u = (terminal_factors(logits, v_x, vxx),)
+    assert (u[0].shape[1] == 1) == (vxx == "empirical")
     opts = SweepOptions(feedback=True, use_factors=True, weight_decay=1e-3, damping=0.1,
                         decay=0.9, update_factors=True, refresh=True, rescale=True)
     t = 2  # the merge stage: state (h, s) in, logits-side state out
@@ -126,7 +134,12 @@ def test_stream_with_the_current_gain_equals_the_exact_sweep(info: str) -> None:
         with frozen_batchnorm(game):
             _, vx_next, u_next = sweep_stage(game.stage_list()[s], solver, states[s], vx_next,
                                              u_next, opts, need_value=True)
-    exact = StageSolver(stage, info, "kfac")
+    exact = StageSolver(stage, info, curvature)
+    fresh = StageSolver(stage, info, curvature)
+    if curvature == "ekfac":  # one identical step first: both get an eigenbasis
+        for solver in (exact, fresh):
+            sweep_stage(stage, solver, states[t], vx_next, u_next, opts, True)
+        opts.refresh = False
     sol, vx_t, u_t = sweep_stage(stage, exact, states[t], vx_next, u_next, opts, True)
     sizes = [2, 4]
     parts = zip(split_rows(states[t], sizes), split_rows(vx_next, sizes),
@@ -137,15 +150,19 @@ def test_stream_with_the_current_gain_equals_the_exact_sweep(info: str) -> None:
     for i in range(len(vx_t)):
         torch.testing.assert_close(torch.cat([s[0][i] for s in streamed]), vx_t[i])
         torch.testing.assert_close(torch.cat([s[1][i] for s in streamed]), u_t[i])
-    fresh = StageSolver(stage, info, "kfac")
     acc2 = StreamedStage()
     for xs, vs, us in zip(split_rows(states[t], sizes), split_rows(vx_next, sizes),
                           split_rows(u_next, sizes), strict=True):
         stream_stage(stage, fresh, xs, vs, us, [torch.zeros_like(k) for k in sol.k], opts,
                      False, acc2)
+    assert bool(acc2.stats.psi_blocks) == (curvature == "ekfac")  # streamed EKFAC sums
     sol2 = finish_stage(stage, fresh, states[t], acc2, opts)
     for a, b in zip(sol2.k, sol.k, strict=True):
         torch.testing.assert_close(a, b)
+    state_exact, state_streamed = exact.state(), fresh.state()
+    assert state_exact.keys() == state_streamed.keys()
+    for key, value in state_exact.items():
+        torch.testing.assert_close(state_streamed[key], value, msg=key)
     assert not torch.allclose(sol.k[0], torch.zeros_like(sol.k[0]))
 
 

@@ -179,10 +179,11 @@ _ABLATION_CURVATURE = {"sgd": "identity", "rmsprop": "diag", "adam": "diag", "ek
 _COOPERATIVE = ("identity", "kfac", "ekfac")
 
 
-def _validate_combinations(cfg: Config) -> None:
-    """Settings that are valid one by one but cannot train together (the optimizer and
-    game builders would reject them after data and model are built)."""
-    o, c, g = cfg.optim, cfg.curvature, cfg.game
+def check_game_config(cfg: Config) -> None:
+    """Combinations of ``[game]`` and ``[optim]`` that cannot train (:class:`ConfigError`, a
+    ``ValueError``). Run when a config is loaded and again by
+    :func:`dgn_dist.game.training.build_training_optimizer` for configs built in code."""
+    o, g = cfg.optim, cfg.game
     if g.ablation != "none" and o.name != "dgnopt":
         raise ConfigError(f"game.ablation='{g.ablation}' runs the {g.ablation} preconditioner "
                           f"inside DGNOpt: set optim.name='dgnopt' (got '{o.name}') and give "
@@ -200,6 +201,13 @@ def _validate_combinations(cfg: Config) -> None:
     if g.players_per_layer > 1 and o.name == "sgd" and o.momentum != 0:
         raise ConfigError("game-extended SGD (optim.name='sgd', game.players_per_layer > 1) "
                           f"has no momentum; set optim.momentum=0 (got {o.momentum})")
+
+
+def _validate_combinations(cfg: Config) -> None:
+    """Settings that are valid one by one but cannot train together (the optimizer and
+    game builders would reject them after data and model are built)."""
+    check_game_config(cfg)
+    o, c, g = cfg.optim, cfg.curvature, cfg.game
     if o.name == "ekfac":
         if c.kind not in ("kfac", "ekfac"):
             raise ConfigError(f"optim.name='ekfac' needs curvature.kind 'kfac' or 'ekfac'; got "

@@ -49,7 +49,8 @@ def jvp_params(stage: Stage, params: Sequence[nn.Parameter], state: State,
         return functional_call(stage, overrides, (primal,), strict=False)
 
     tangents = tuple(d.detach().to(p.dtype) for d, p in zip(directions, params, strict=True))
-    _, tangent = jvp(f, tuple(p.detach() for p in params), tangents)
+    # [1]: the tangent output (torch's stub types the result as a 2- or 3-tuple, has_aux).
+    tangent: State = jvp(f, tuple(p.detach() for p in params), tangents)[1]
     return tangent
 
 
@@ -81,5 +82,6 @@ def jvp_state(stage: Stage, state: State, direction: State) -> State:
     def f(*xs: Tensor) -> State:
         return stage(tuple(xs))
 
-    _, tangent = jvp(f, tuple(s.detach() for s in state), tuple(d.detach() for d in direction))
+    tangent: State = jvp(f, tuple(s.detach() for s in state),
+                         tuple(d.detach() for d in direction))[1]
     return tangent

@@ -28,7 +28,7 @@ per-sample gradients ``ψ``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -39,6 +39,8 @@ from dgn_dist.dgnopt.stage_batch import PsiChunk, StageBatch
 from dgn_dist.optim.kronecker import KroneckerFactor, Mode, projected_per_example, stat_dtype
 
 Native = dict[int, Tensor]
+#: Per-sample gradients ``ψ`` by player: a ``Native`` dict or a lazy :class:`PsiChunk`.
+PsiRows = Mapping[int, Tensor]
 #: Largest number of projected per-sample gradient elements a Kronecker block keeps between
 #: the EKFAC scaling update and the Gram matrix of the same step (else it recomputes them).
 PROJ_CACHE = 1 << 27
@@ -53,6 +55,20 @@ def _batch_dot(x: Tensor, y: Tensor, lead: int) -> Tensor:
     return (x * y).reshape(*x.shape[:lead], -1).sum(-1)
 
 
+def kron_stats(a: Tensor, g: Tensor, block_widths: Sequence[int] = ()) -> dict[str, Stat]:
+    """``A = mean_rows a aᵀ`` and ``G = Σ_rows g gᵀ`` (module docstring) in the statistics
+    dtype; with two or more ``block_widths`` the cross blocks of ``A`` between those column
+    groups are zeroed (Theorem 6, first bullet)."""
+    dt = stat_dtype(a.dtype)
+    a_stat = a.to(dt).T @ a.to(dt) / a.shape[0]
+    if len(block_widths) > 1:
+        mask = torch.block_diag(*[torch.ones(w, w, dtype=dt, device=a.device)
+                                  for w in block_widths])
+        a_stat = a_stat * mask
+    return {"A": Stat(a_stat, mean=True, symmetric=True),
+            "G": Stat(g.to(dt).T @ g.to(dt), mean=False, symmetric=True)}
+
+
 def _cached(kept: list[tuple[int, Tensor]], chunk: PsiChunk) -> Tensor:
     """The rows of samples ``[chunk.start, chunk.stop)`` of kept ``(first sample, rows)``."""
     parts = [p[max(chunk.start - s, 0):chunk.stop - s] for s, p in kept
@@ -64,6 +80,7 @@ class Block:
     """Base class: ``members`` are stage-solver player indices, ``damping`` is set per step."""
 
     needs_psi = False
+    _acc: Tensor | None = None  # per-sample sums of this step (blocks with needs_psi)
 
     def __init__(self, members: Sequence[int], views: Sequence[PlayerView]) -> None:
         self.members = list(members)
@@ -89,11 +106,15 @@ class Block:
         """This step's per-sample sums (before :meth:`end_psi_stats`), reduced in place."""
         return []
 
-    def psi_stats(self, psis: Native) -> None:
+    def psi_stats(self, psis: PsiRows) -> None:
         """Accumulate per-sample statistics of one chunk (only when ``needs_psi``)."""
 
     def end_psi_stats(self, decay: float) -> None:
         """Close the per-sample statistics of this step."""
+
+    def reset_psi_stats(self) -> None:
+        """Forget per-sample sums of a step that was abandoned before they were folded."""
+        self._acc = None
 
     def solve(self, rhs: Native) -> Native:
         raise TypeError(f"{type(self).__name__} must implement solve")
@@ -155,7 +176,7 @@ class GNDiagBlock(Block):
         self.v: Tensor | None = None
         self._acc: Tensor | None = None
 
-    def psi_stats(self, psis: Native) -> None:
+    def psi_stats(self, psis: PsiRows) -> None:
         sq = (psis[self.members[0]] ** 2).sum(0)
         self._acc = sq if self._acc is None else self._acc + sq
 
@@ -179,7 +200,40 @@ class GNDiagBlock(Block):
         self.v = state.get("v")
 
 
-class KronBlock(Block):
+class FactorBlock(Block):
+    """A block whose curvature is one :class:`KroneckerFactor` ``self.factor``: its EMA
+    update, eigenbasis schedule, checkpoint state and logged statistics."""
+
+    factor: KroneckerFactor
+
+    def factors(self) -> list[KroneckerFactor]:
+        return [self.factor]
+
+    def fold_stats(self, batch: StageBatch, decay: float, update_factors: bool,
+                   refresh: bool, stats: dict[str, Tensor] | None) -> None:
+        """Fold ``stats`` (default: :meth:`batch_stats`) in; refresh the eigenbasis when due."""
+        if stats is None:
+            stats = {k: s.value for k, s in self.batch_stats(batch, update_factors).items()}
+        if stats:
+            self.factor.update_stats(stats["A"], stats["G"], decay)
+        if refresh or not self.factor.has_eigenbasis:
+            self.factor.refresh_eigenbasis()
+
+    def state(self) -> dict[str, Tensor]:
+        return {k: v for k, v in self.factor.state_dict().items() if isinstance(v, Tensor)}
+
+    def load_state(self, state: dict[str, Tensor]) -> None:
+        full: dict[str, Tensor | str | None] = {"mode": self.factor.mode}
+        for name in KroneckerFactor._FIELDS:
+            full[name] = state.get(name)
+        self.factor.load_state_dict(full)
+
+    def player_stats(self) -> dict[str, dict[str, float]]:
+        stats = self.factor.stats()
+        return {v.name: stats for v in self.views} if stats else {}
+
+
+class KronBlock(FactorBlock):
     """``A ⊗ G + λ I`` for Kronecker players sharing one output (joint-input factorisation).
 
     With several members the input rows are concatenated (``x = [a_1; a_2; ...]``) and ``g``
@@ -228,34 +282,18 @@ class KronBlock(Block):
         if not (update_factors or self.factor.A is None):
             return {}
         a, g = self.rows(batch)
-        dt = stat_dtype(a.dtype)
-        a_stat = a.to(dt).T @ a.to(dt) / a.shape[0]
-        if self.zero_cross and len(self.widths) > 1:
-            mask = torch.block_diag(*[torch.ones(w, w, dtype=dt, device=a.device)
-                                      for w in self.widths])
-            a_stat = a_stat * mask
-        return {"A": Stat(a_stat, mean=True, symmetric=True),
-                "G": Stat(g.to(dt).T @ g.to(dt), mean=False, symmetric=True)}
-
-    def factors(self) -> list[KroneckerFactor]:
-        return [self.factor]
+        return kron_stats(a, g, self.widths if self.zero_cross else ())
 
     def update(self, batch: StageBatch, decay: float, update_factors: bool,
                refresh: bool, stats: dict[str, Tensor] | None = None) -> None:
-        """Fold ``stats`` (default: this replica's :meth:`batch_stats`) into the EMA and
-        refresh the eigenbasis on schedule."""
-        if stats is None:
-            stats = {k: s.value for k, s in self.batch_stats(batch, update_factors).items()}
-        if stats:
-            self.factor.update_stats(stats["A"], stats["G"], decay)
-        if refresh or not self.factor.has_eigenbasis:
-            self.factor.refresh_eigenbasis()
+        """:meth:`FactorBlock.fold_stats`; per-sample statistics only on factor steps."""
+        self.fold_stats(batch, decay, update_factors, refresh, stats)
         if not update_factors:
             self.needs_psi = False
         else:
             self.needs_psi = self.mode == "ekfac"
 
-    def joint(self, parts: Native) -> Tensor:
+    def joint(self, parts: PsiRows) -> Tensor:
         return torch.cat([parts[n] for n in self.members], dim=-1)
 
     def split(self, joint: Tensor) -> Native:
@@ -308,7 +346,7 @@ class KronBlock(Block):
         """Drop the kept projections (end of the stage's sweep)."""
         self._proj, self._proj_sq, self._building = None, None, None
 
-    def psi_stats(self, psis: Native) -> None:
+    def psi_stats(self, psis: PsiRows) -> None:
         if self.zero_cross and len(self.widths) > 1:
             raise ValueError("ekfac with zero_cross on a joint block is not supported")
         f = self.factor
@@ -359,16 +397,3 @@ class KronBlock(Block):
 
     def solve(self, rhs: Native) -> Native:
         return self.split(self.solve_joint(self.joint(rhs)))
-
-    def state(self) -> dict[str, Tensor]:
-        return {k: v for k, v in self.factor.state_dict().items() if isinstance(v, Tensor)}
-
-    def load_state(self, state: dict[str, Tensor]) -> None:
-        full: dict[str, Tensor | str | None] = {"mode": self.mode}
-        for name in KroneckerFactor._FIELDS:
-            full[name] = state.get(name)
-        self.factor.load_state_dict(full)
-
-    def player_stats(self) -> dict[str, dict[str, float]]:
-        stats = self.factor.stats()
-        return {v.name: stats for v in self.views} if stats else {}

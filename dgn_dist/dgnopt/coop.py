@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from dgn_dist.dgnopt.blocks import Block, KronBlock, Native, StageBatch, _batch_dot, _ema
+from dgn_dist.dgnopt.blocks import Block, KronBlock, Native, PsiRows, StageBatch, _batch_dot, _ema
 from dgn_dist.dgnopt.reduction import Stat
 from dgn_dist.optim.kronecker import KroneckerFactor, stat_dtype
 
@@ -126,7 +126,7 @@ class CoopPairBlock(Block):
         self.pre.update_stats((a_t + a_t.T) / 2, (b_t + b_t.T) / 2, 0.0)
         self.pre.refresh_eigenbasis()
 
-    def psi_stats(self, psis: Native) -> None:
+    def psi_stats(self, psis: PsiRows) -> None:
         for blk in (self.u, self.v):
             if blk.needs_psi:
                 blk.psi_stats(psis)
@@ -134,6 +134,10 @@ class CoopPairBlock(Block):
     def end_psi_stats(self, decay: float) -> None:
         self.u.end_psi_stats(decay)
         self.v.end_psi_stats(decay)
+
+    def reset_psi_stats(self) -> None:
+        self.u.reset_psi_stats()
+        self.v.reset_psi_stats()
 
     def cross_uv(self, m_v: Tensor) -> Tensor:
         """``P_uv vec(M_v) = vec(B_uv M_v A_uvᵀ)``."""

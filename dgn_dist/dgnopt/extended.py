@@ -33,12 +33,19 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from dgn_dist.dgnopt.blocks import Block, IdentityBlock, Native, StageBatch
+from dgn_dist.dgnopt.blocks import (
+    Block,
+    FactorBlock,
+    IdentityBlock,
+    Native,
+    StageBatch,
+    kron_stats,
+)
 from dgn_dist.dgnopt.players import PlayerView
 from dgn_dist.dgnopt.reduction import Stat
 from dgn_dist.game.core import Stage
 from dgn_dist.game.fictitious import FictitiousLayer
-from dgn_dist.optim.kronecker import KroneckerFactor, stat_dtype
+from dgn_dist.optim.kronecker import KroneckerFactor
 
 
 def copy_groups(stage: Stage, views: Sequence[PlayerView]) -> list[list[int]]:
@@ -67,7 +74,7 @@ def extended_identity_blocks(stage: Stage, views: Sequence[PlayerView]) -> list[
     return blocks
 
 
-class CopyCoupledBlock(Block):
+class CopyCoupledBlock(FactorBlock):
     """``I_N ⊗ I + (11ᵀ − I_N) ⊗ (A ⊗ G)`` for ``N >= 2`` copies of one Kronecker layer."""
 
     def __init__(self, members: Sequence[int], views: Sequence[PlayerView]) -> None:
@@ -87,22 +94,12 @@ class CopyCoupledBlock(Block):
         a, g = batch.a[n], batch.g[n]
         if a is None or g is None:
             raise RuntimeError("game-extended curvature needs the factor pass (g rows)")
-        dt = stat_dtype(a.dtype)
-        return {"A": Stat(a.to(dt).T @ a.to(dt) / a.shape[0], mean=True, symmetric=True),
-                "G": Stat(g.to(dt).T @ g.to(dt), mean=False, symmetric=True)}
-
-    def factors(self) -> list[KroneckerFactor]:
-        return [self.factor]
+        return kron_stats(a, g)
 
     def update(self, batch: StageBatch, decay: float, update_factors: bool,
                refresh: bool, stats: dict[str, Tensor] | None = None) -> None:
         """Fold ``stats`` (default: this replica's :meth:`batch_stats`) in and refresh."""
-        if stats is None:
-            stats = {k: s.value for k, s in self.batch_stats(batch, update_factors).items()}
-        if stats:
-            self.factor.update_stats(stats["A"], stats["G"], decay)
-        if refresh or not self.factor.has_eigenbasis:
-            self.factor.refresh_eigenbasis()
+        self.fold_stats(batch, decay, update_factors, refresh, stats)
 
     def solve(self, rhs: Native) -> Native:
         copies = len(self.members)
@@ -111,16 +108,3 @@ class CopyCoupledBlock(Block):
         c = float(copies - 1)
         shared = self.factor.precondition(mean, 1.0 / c) / c
         return {n: shared + (rhs[n] - mean) for n in self.members}
-
-    def state(self) -> dict[str, Tensor]:
-        return {k: v for k, v in self.factor.state_dict().items() if isinstance(v, Tensor)}
-
-    def load_state(self, state: dict[str, Tensor]) -> None:
-        full: dict[str, Tensor | str | None] = {"mode": "kfac"}
-        for name in KroneckerFactor._FIELDS:
-            full[name] = state.get(name)
-        self.factor.load_state_dict(full)
-
-    def player_stats(self) -> dict[str, dict[str, float]]:
-        stats = self.factor.stats()
-        return {v.name: stats for v in self.views} if stats else {}

@@ -37,6 +37,7 @@ from dgn_dist.dgnopt.coop import CoopPairBlock
 from dgn_dist.dgnopt.extended import extended_identity_blocks
 from dgn_dist.dgnopt.players import PlayerView
 from dgn_dist.dgnopt.reduction import LOCAL, Reducer
+from dgn_dist.dgnopt.streamed import StreamedStats, add_block_stats
 from dgn_dist.game.core import Stage
 
 INFOS: tuple[str, ...] = ("olne", "fne", "gr")
@@ -138,9 +139,29 @@ class StageSolver:
         """True when the curvature itself needs the ``V_xx`` factors pulled back (``g``)."""
         return (self.curvature in ("kfac", "ekfac") or self.game_extended) and bool(self.views)
 
+    def accumulate(self, acc: StreamedStats, batch: StageBatch, *, update_factors: bool,
+                   refresh: bool, keep_projections: bool = False) -> None:
+        """Add one micro-batch's statistics to ``acc`` (:mod:`dgn_dist.dgnopt.streamed`);
+        :meth:`update` with ``streamed=acc`` then folds the whole batch in.
+
+        ``keep_projections``: Kronecker blocks keep the micro-batch's projections for a
+        :meth:`gram` of it under the current curvature (which releases them)."""
+        tensors = [t for t in (*batch.q_theta, *batch.a, *batch.g) if t is not None]
+        psi_blocks = add_block_stats(acc, self.blocks, batch, update_factors=update_factors,
+                                     refresh=refresh, finite=all_finite(tensors))
+        if not psi_blocks:
+            return
+        for blk in psi_blocks:
+            if isinstance(blk, KronBlock):
+                blk.keep_projections = keep_projections
+        members = sorted({n for b in psi_blocks for n in b.members})
+        for psis in self.iter_psi(batch, members):
+            for blk in psi_blocks:
+                blk.psi_stats(psis)
+
     def update(self, batch: StageBatch, *, decay: float, update_factors: bool, refresh: bool,
                damping: float, weight_decay: float, reducer: Reducer = LOCAL,
-               keep_projections: bool = False) -> None:
+               keep_projections: bool = False, streamed: StreamedStats | None = None) -> None:
         """Fold this step's statistics into every block and refresh eigenbases on schedule.
 
         With data parallelism (``reducer``) the blocks' batch statistics are reduced over the
@@ -151,6 +172,10 @@ class StageSolver:
         per-sample projections of the EKFAC scaling for it (memory permitting) until
         :meth:`release`.
 
+        ``streamed``: the batch statistics (and some per-sample sums) were already summed
+        over the micro-batches by :meth:`accumulate`; ``batch`` is still the whole batch (for
+        the per-sample sums that could not stream).
+
         Raises:
             NonFiniteUpdate: a statistic of this step is not finite on some replica (nothing
                 is folded in; every replica raises).
@@ -159,12 +184,16 @@ class StageSolver:
         for blk in self.blocks:  # cooperative pairs solve the Gram matrix through CG instead
             if isinstance(blk, KronBlock):
                 blk.keep_projections = keep_projections
-        tensors = [t for t in (*batch.q_theta, *batch.a, *batch.g) if t is not None]
-        finite = all_finite(tensors)
+        if streamed is None:
+            tensors = [t for t in (*batch.q_theta, *batch.a, *batch.g) if t is not None]
+            finite = all_finite(tensors)
+        else:
+            finite = streamed.finite and all_finite(batch.q_theta)
         if not reducer.agree(finite):
             raise NonFiniteUpdate(f"non-finite curvature statistics at stage {self.name}")
         reduced = reducer.reduce_stats([blk.batch_stats(batch, update_factors)
-                                        for blk in self.blocks])
+                                        for blk in self.blocks] if streamed is None
+                                       else streamed.stats())
         with reducer.refreshing([f for blk in self.blocks for f in blk.factors()]):
             for blk, stats in zip(self.blocks, reduced, strict=True):
                 blk.damping = damping if isinstance(blk, RmsDiagBlock) else damping + weight_decay
@@ -176,9 +205,13 @@ class StageSolver:
         psi_blocks = [b for b in self.blocks if b.needs_psi and update_factors]
         if not psi_blocks:
             return
-        members = sorted({n for b in psi_blocks for n in b.members})
-        for psis in self.iter_psi(batch, members):
-            for blk in psi_blocks:
+        done = set() if streamed is None else {id(self.blocks[i]) for i in streamed.psi_blocks}
+        fresh = [b for b in psi_blocks if id(b) not in done]
+        for blk in fresh:
+            blk.reset_psi_stats()
+        members = sorted({n for b in fresh for n in b.members})
+        for psis in self.iter_psi(batch, members) if fresh else ():
+            for blk in fresh:
                 blk.psi_stats(psis)
         reducer.reduce([t for blk in psi_blocks for t in blk.psi_accumulators()], "factor")
         for blk in psi_blocks:

@@ -279,8 +279,10 @@ class DGNOpt(Optimizer):
         world = self.reducer.world
         dtype = states[-1][0].dtype
         v_x, logits = v_x.to(dtype) / world, logits.to(dtype)
-        u = (terminal_factors(logits, v_x, self.vxx, self.rank, batch_size=v_x.shape[0] * world),
-             ) if use_factors else None
+        u: tuple[Tensor, ...] | None = None  # U^{t+1}, rows of the factors of V_xx
+        if use_factors:
+            u = (terminal_factors(logits, v_x, self.vxx, self.rank,
+                                  batch_size=v_x.shape[0] * world),)
         vx_t: tuple[Tensor, ...] = (v_x,)
         recorded: dict[str, Tensor] = {}
         if record:

@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
+
+from dgn_dist.distributed.spawn import run_workers
 
 NUM_CLASSES = 10
 SHAPES = {"mnist_resnet": (1, 28, 28), "digits_resnet": (1, 8, 8), "svhn_resnet": (3, 32, 32),
@@ -121,9 +122,10 @@ def _comm_only_ms(bytes_per_step: dict[str, float], bucket_bytes: int) -> float:
     return statistics.median(times)
 
 
-def _worker(rank: int, world: int, port: int, args: dict[str, Any], out: Any) -> None:
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                       "RANK": str(rank), "WORLD_SIZE": str(world)})
+def _measure(rank: int, world: int, port: int, args: dict[str, Any]) -> dict[str, Any]:
+    """One rank of the ``dp=world`` measurement; :func:`run_workers` sets the ``env://``
+    variables and closes the group."""
+    del port
     import torch
     import torch.distributed as dist
 
@@ -154,33 +156,12 @@ def _worker(rank: int, world: int, port: int, args: dict[str, Any], out: Any) ->
         per_step = {k: v / (args["steps"] + args["warmup"]) for k, v in counter.as_dict().items()}
         results[name] = {"ms": ms, "bytes": per_step, "comm_ms": _comm_only_ms(per_step, bucket)}
         del cfg
-    if rank == 0:
-        out.put(results)
-    dist.barrier()  # nobody tears the group down while a peer is still in a collective
-    dist.destroy_process_group()
+    return results
 
 
 def data_parallel(args: dict[str, Any], world: int) -> dict[str, Any]:
-    """Run :func:`_worker` on ``world`` gloo processes; rank 0's results."""
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, args, out)) for r in range(world)]
-    for p in procs:
-        p.start()
-    result = out.get(timeout=3600)
-    for p in procs:
-        p.join()
-    if any(p.exitcode for p in procs):  # after the results arrived: teardown only
-        print(f"warning: a benchmark rank exited with {[p.exitcode for p in procs]} while "
-              f"shutting down, after reporting its figures", flush=True)
-    return result
+    """Run :func:`_measure` on ``world`` gloo processes; rank 0's results."""
+    return run_workers(_measure, world, args, timeout=3600.0)[0]
 
 
 def format_rows(rows: list[Row]) -> str:

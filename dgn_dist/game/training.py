@@ -44,6 +44,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import Dataset
 
+from dgn_dist.config.loader import check_game_config
 from dgn_dist.config.schema import Config
 from dgn_dist.game.bandit import AlignmentStrategy, make_alignment_strategy
 from dgn_dist.game.builder import ALIGNMENTS
@@ -53,28 +54,6 @@ from dgn_dist.game.fictitious import collapsed_state_dict, split_players
 EXPORT_NAME = "model_export.pt"
 #: Baselines that ``game.ablation`` can lift.
 ABLATIONS: tuple[str, ...] = ("sgd", "rmsprop", "adam", "ekfac")
-
-
-def check_game_config(cfg: Config) -> None:
-    """Combinations of ``[game]`` and ``[optim]`` that cannot train (``ValueError``)."""
-    g, name = cfg.game, cfg.optim.name
-    if g.reward_batch_size < 1:
-        raise ValueError(f"game.reward_batch_size must be >= 1; got {g.reward_batch_size}")
-    if g.ablation != "none" and name != "dgnopt":
-        raise ValueError(f"game.ablation='{g.ablation}' runs the {g.ablation} preconditioner "
-                         f"inside DGNOpt: set optim.name='dgnopt' (got '{name}') and give the "
-                         "baseline's lr and settings in [optim]")
-    if g.alignment_strategy != "fixed" and name != "dgnopt":
-        raise ValueError(f"game.alignment_strategy='{g.alignment_strategy}' needs "
-                         f"optim.name='dgnopt'; '{name}' does not see alignments (Fig. 8a): "
-                         "use game.alignment_strategy='fixed'")
-    if g.players_per_layer > 1 and name not in ("dgnopt", "sgd"):
-        raise ValueError(f"game.players_per_layer={g.players_per_layer} needs optim.name "
-                         f"'sgd' (game-extended SGD) or 'dgnopt'; '{name}' has no game-extended "
-                         "form: use game.players_per_layer=1")
-    if g.players_per_layer > 1 and name == "sgd" and cfg.optim.momentum != 0:
-        raise ValueError("game-extended SGD (optim.name='sgd', game.players_per_layer > 1) has "
-                         f"no momentum; set optim.momentum=0 (got {cfg.optim.momentum})")
 
 
 def prepare_model(cfg: Config, model: nn.Module) -> nn.Module:

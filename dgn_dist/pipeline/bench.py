@@ -21,11 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import multiprocessing as mp
-import os
-import queue
 import resource
-import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -33,22 +29,10 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from dgn_dist.distributed.spawn import run_workers
+
 MODELS = ("digits_resnet", "mnist_resnet", "resnet18")
 SHAPES = {"digits_resnet": (1, 8, 8), "mnist_resnet": (1, 28, 28), "resnet18": (3, 32, 32)}
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _worker(target: Any, rank: int, world: int, port: int, spec: dict[str, Any],
-            out: Any) -> None:
-    try:
-        out.put((rank, target(rank, world, port, spec)))
-    except BaseException as err:  # noqa: BLE001 - reported by the parent
-        out.put((rank, {"error": f"{type(err).__name__}: {err}"}))
 
 
 def _measure(rank: int, world: int, port: int, spec: dict[str, Any]) -> dict[str, Any]:
@@ -103,48 +87,16 @@ def _measure(rank: int, world: int, port: int, spec: dict[str, Any]) -> dict[str
             "forward": spec["micro"] * sum(math.prod(s.shape) * 4 for s in specs[t]),
             "sweep": spec["micro"] * sum(math.prod(s.shape) * (1 + r) * 4 for s in specs[t]),
         } for t in bounds]
-    if world > 1:
-        dist.destroy_process_group()
-    return result
+    return result  # run_workers closes the group (barrier first)
 
 
 def run_config(spec: dict[str, Any], target: Any = None) -> list[dict[str, Any]]:
     """Run ``target(rank, world, port, spec)`` (default: the timing measurement) on
-    ``spec['pp']`` fresh processes; per-rank results."""
-    world = spec["pp"]
-    # Before the children import torch: LAPACK/OpenMP then use the same thread count as
+    ``spec['pp']`` fresh processes; per-rank results (:func:`run_workers`)."""
+    # Set before the children import torch: LAPACK/OpenMP then use the same thread count as
     # torch (a float32 eigh of an ill-conditioned factor can fail with more threads).
-    os.environ["OMP_NUM_THREADS"] = str(spec.get("threads", 1))
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, daemon=True,
-                         args=(target or _measure, r, world, port, spec, out))
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    results: dict[int, dict[str, Any]] = {}
-    deadline = time.monotonic() + spec["timeout"]
-    try:
-        while len(results) < world and time.monotonic() < deadline:
-            try:
-                rank, res = out.get(timeout=2.0)
-            except queue.Empty:
-                if any(p.exitcode not in (None, 0) for p in procs):
-                    break  # a child died without reporting (import error, signal)
-                continue
-            results[rank] = res
-            if "error" in res:
-                break
-    finally:
-        for p in procs:
-            p.join(5.0)
-            if p.is_alive():
-                p.kill()
-    errors = [f"rank {r}: {v['error']}" for r, v in results.items() if "error" in v]
-    if errors or len(results) < world:
-        raise RuntimeError("; ".join(errors) or "a rank did not report")
-    return [results[r] for r in range(world)]
+    return run_workers(target or _measure, spec["pp"], spec, timeout=spec["timeout"],
+                       env={"OMP_NUM_THREADS": str(spec.get("threads", 1))})
 
 
 def _mib(n: float) -> str:

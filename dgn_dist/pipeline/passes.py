@@ -30,6 +30,7 @@ from dgn_dist.dgnopt.blocks import StageBatch
 from dgn_dist.dgnopt.capture import PlayerTap, contract_factors, leaves
 from dgn_dist.dgnopt.gains import NonFiniteUpdate, StageSolver
 from dgn_dist.dgnopt.reduction import Reducer
+from dgn_dist.dgnopt.streamed import StreamedStats
 from dgn_dist.dgnopt.sweep import (
     StageSolution,
     SweepOptions,
@@ -51,6 +52,7 @@ class StreamedStage:
     u_next: list[State] = field(default_factory=list)
     rank: int = 1
     num: int = 0
+    stats: StreamedStats = field(default_factory=StreamedStats)
 
 
 def stream_stage(stage: Stage, solver: StageSolver, x_t: State, vx_next: State,
@@ -76,10 +78,13 @@ def stream_stage(stage: Stage, solver: StageSolver, x_t: State, vx_next: State,
     params = [p for v in views for p in v.params]
     plain = not opts.feedback
     xs = leaves(x_t) if need_value else tuple(s.detach() for s in x_t)
-    with PlayerTap([v.player for v in views]) as tap:
+    factors = opts.use_factors and u_next is not None and bool(views or need_value)
+    # Rank 1: the factor pass pulls U back through this same forward (as in sweep_stage).
+    share = factors and u_next is not None and u_next[0].shape[1] == 1
+    with PlayerTap([v.player for v in views], clone_outputs=share) as tap:
         out = stage(xs)
     roots = list(params) + (list(xs) if need_value and plain else [])
-    grads = vjp(out, vx_next, roots, retain_graph=need_value and not plain)
+    grads = vjp(out, vx_next, roots, retain_graph=share or (need_value and not plain))
     q_theta, offset = [], 0
     for v in views:
         q_theta.append(v.to_native([g.detach() for g in grads[offset:offset + len(v.params)]]))
@@ -91,11 +96,16 @@ def stream_stage(stage: Stage, solver: StageSolver, x_t: State, vx_next: State,
     batch = StageBatch(num=x_t[0].shape[0], rank=1, q_theta=q_theta,
                        a=[None] * len(views), g=[None] * len(views))
     w: State | None = None
-    if opts.use_factors and u_next is not None and (views or need_value):
-        w = _factor_pass(stage, views, x_t, u_next, batch, tap, need_value)
+    if factors and u_next is not None:
+        w = _factor_pass(stage, views, x_t, u_next, batch, tap, need_value,
+                         shared=(out, xs) if share else None,
+                         retain_graph=share and need_value and not plain)
         acc.a.append(batch.a)  # type: ignore[arg-type]
         acc.g.append(batch.g)  # type: ignore[arg-type]
         acc.u_next.append(tuple(u.detach() for u in u_next))
+        # The curvature statistics add up while the micro-batches stream (not at the end).
+        solver.accumulate(acc.stats, batch, update_factors=opts.update_factors,
+                          refresh=opts.refresh, keep_projections=need_value and opts.feedback)
     acc.rank, acc.num = batch.rank, acc.num + batch.num
     u_t: State | None = None
     if need_value and opts.feedback:
@@ -112,6 +122,7 @@ def stream_stage(stage: Stage, solver: StageSolver, x_t: State, vx_next: State,
         u_t, _ = _refactor(solver, batch, w, views_present=bool(views))
     elif need_value and opts.use_factors:
         u_t = w
+    solver.release()
     return vx_t, u_t
 
 
@@ -142,7 +153,7 @@ def finish_stage(stage: Stage, solver: StageSolver, x_t: State, acc: StreamedSta
                        g=[_cat(acc.g, i) if acc.g else None for i in range(n)])
     solver.update(batch, decay=opts.decay, update_factors=opts.update_factors,
                   refresh=opts.refresh, damping=opts.damping, weight_decay=opts.weight_decay,
-                  reducer=opts.reducer)
+                  reducer=opts.reducer, streamed=acc.stats if acc.stats.sums else None)
     solver.reset_scales()
     k = solver.solve(solver.open_rhs(q_theta))
     u_next = tuple(torch.cat([u[i] for u in acc.u_next]) for i in range(len(acc.u_next[0]))) \

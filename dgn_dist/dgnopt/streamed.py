@@ -1,0 +1,90 @@
+"""Curvature statistics accumulated micro-batch by micro-batch (the ``stale_k`` pipeline).
+
+The pipelined ``stale_k`` sweep (:mod:`dgn_dist.pipeline.passes`) sees a stage's batch one
+micro-batch at a time. Instead of keeping every micro-batch's rows and computing the batch
+statistics when the last one has passed (serial work at the end of the sweep), each micro-batch
+adds its part while it streams:
+
+* the blocks' batch statistics (:meth:`~dgn_dist.dgnopt.blocks.Block.batch_stats`): sums over
+  examples add up; means over rows are weighted by the micro-batch's number of examples (every
+  example contributes the same number of rows, so this is the mean over the whole batch);
+* the per-sample (EKFAC scaling / Gauss-Newton diagonal) sums of the blocks whose basis does
+  not change when the step's statistics are folded in: diagonal Gauss-Newton blocks, and
+  EKFAC Kronecker blocks that have an eigenbasis and are not refreshed this step. The others
+  (a refresh recomputes the basis from the new factors first) still run over the whole batch
+  in :meth:`~dgn_dist.dgnopt.gains.StageSolver.update`.
+
+:meth:`~dgn_dist.dgnopt.gains.StageSolver.accumulate` adds a micro-batch;
+``StageSolver.update(..., streamed=acc)`` folds the sums in.
+
+Sums in a different order are the only difference from the whole-batch computation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+from dgn_dist.dgnopt.blocks import Block, GNDiagBlock, KronBlock, StageBatch
+from dgn_dist.dgnopt.reduction import Stat
+
+
+def streams_psi(block: Block, update_factors: bool, refresh: bool) -> bool:
+    """Whether ``block``'s per-sample statistics can be summed per micro-batch this step."""
+    if not update_factors:
+        return False
+    if isinstance(block, GNDiagBlock):
+        return True
+    return isinstance(block, KronBlock) and block.mode == "ekfac" and not refresh and \
+        block.factor.has_eigenbasis and not (block.zero_cross and len(block.widths) > 1)
+
+
+@dataclass
+class StreamedStats:
+    """A stage's statistics summed over the micro-batches seen so far (module docstring).
+
+    Attributes:
+        sums: per block, ``{name: (running sum, Stat template)}``; means are weighted sums.
+        examples: examples seen.
+        finite: every micro-batch's ``Q_θ`` and rows were finite.
+        psi_blocks: indices of the blocks whose per-sample sums were accumulated here.
+    """
+
+    sums: list[dict[str, tuple[Tensor, Stat]]] = field(default_factory=list)
+    examples: int = 0
+    finite: bool = True
+    psi_blocks: set[int] = field(default_factory=set)
+
+    def stats(self) -> list[dict[str, Stat]]:
+        """The whole batch's statistics in :meth:`Block.batch_stats` form."""
+        out = []
+        for block in self.sums:
+            out.append({name: s._replace(value=total / self.examples if s.mean else total)
+                        for name, (total, s) in block.items()})
+        return out
+
+
+def add_block_stats(acc: StreamedStats, blocks: list[Block], batch: StageBatch, *,
+                    update_factors: bool, refresh: bool, finite: bool) -> list[Block]:
+    """Add one micro-batch's block statistics to ``acc`` (nothing after a non-finite one).
+
+    Returns:
+        The blocks whose per-sample sums the caller should add for this micro-batch
+        (:meth:`~dgn_dist.dgnopt.gains.StageSolver.accumulate`).
+    """
+    acc.finite = acc.finite and finite
+    if not acc.finite:
+        return []
+    if not acc.sums:  # first micro-batch of the step
+        for block in blocks:
+            block.reset_psi_stats()
+        acc.sums = [{} for _ in blocks]
+        acc.psi_blocks = {i for i, b in enumerate(blocks)
+                          if streams_psi(b, update_factors, refresh)}
+    for sums, block in zip(acc.sums, blocks, strict=True):
+        for name, s in block.batch_stats(batch, update_factors).items():
+            value = s.value * batch.num if s.mean else s.value
+            sums[name] = (value if name not in sums else sums[name][0] + value, s)
+    acc.examples += batch.num
+    return [blocks[i] for i in sorted(acc.psi_blocks)]
