@@ -142,7 +142,6 @@ def test_rescale_from_rows_equals_one_jvp_per_unit(info: str, batch_norm: bool,
         states = game.trajectory(torch.randn(b, 1, 4, 4, dtype=DT))
     outs, jvps = {}, {}
     original, original_jvp = sweep.rescale_gains, sweep.jvp_params
-    original_many = sweep.jvp_params_many
     for rows in (True, False):
         calls: list = []
         jvps[rows] = 0
@@ -158,13 +157,8 @@ def test_rescale_from_rows_equals_one_jvp_per_unit(info: str, batch_norm: bool,
             jvps[rows] += 1
             return original_jvp(*args, **kwargs)
 
-        def count_many(stage, params, x, directions, rows=rows):  # type: ignore[no-untyped-def]
-            jvps[rows] += len(directions)  # one JVP per direction, batched
-            return original_many(stage, params, x, directions)
-
         monkeypatch.setattr(sweep, "rescale_gains", spy)
         monkeypatch.setattr(sweep, "jvp_params", count)
-        monkeypatch.setattr(sweep, "jvp_params_many", count_many)
         torch.manual_seed(5)
         for t in (1, 2):
             stage = game.stages[t]
@@ -191,12 +185,13 @@ def test_rescale_from_rows_equals_one_jvp_per_unit(info: str, batch_norm: bool,
             torch.testing.assert_close(x, y)
 
 
-def test_batched_jvps_equal_one_jvp_per_direction() -> None:
-    """``jvp_params_many`` (vmap over tangents) equals a loop of ``jvp_params``, through
-    BatchNorm with batch statistics."""
+def test_jvp_along_a_subset_of_parameters_equals_zero_directions_elsewhere() -> None:
+    """The rescale's per-unit JVP runs forward mode along the unit's parameters only; it
+    equals the JVP along all of the stage's parameters with zero directions for the others,
+    through BatchNorm with batch statistics (and the units' JVPs add up to the full one)."""
     from torch import nn
 
-    from dgn_dist.dgnopt.autodiff import jvp_params, jvp_params_many
+    from dgn_dist.dgnopt.autodiff import jvp_params
     from dgn_dist.models.blocks import ResidualBlock
 
     model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Tanh(),
@@ -206,10 +201,22 @@ def test_batched_jvps_equal_one_jvp_per_direction() -> None:
     with torch.no_grad():
         states = game.trajectory(torch.randn(4, 1, 4, 4, dtype=DT))
     stage = game.stages[1]
-    params = [p for pl in stage.players for p in pl.parameters()]
-    directions = [[torch.randn_like(p) for p in params] for _ in range(3)]
+    players = [list(pl.parameters()) for pl in stage.players if list(pl.parameters())]
+    assert len(players) >= 4  # convolutions and BatchNorms of the block
+    params = [p for ps in players for p in ps]
+    directions = [[torch.randn_like(p) for p in ps] for ps in players]
     with frozen_batchnorm(stage):
-        many = jvp_params_many(stage, params, states[1], directions)
-        for got, d in zip(many, directions, strict=True):
-            for x, y in zip(got, jvp_params(stage, params, states[1], d), strict=True):
+        total = jvp_params(stage, params, states[1], [d for ds in directions for d in ds])
+        summed = None
+        for n, (ps, ds) in enumerate(zip(players, directions, strict=True)):
+            alone = jvp_params(stage, ps, states[1], ds)
+            padded = jvp_params(stage, params, states[1], [
+                d if m == n else torch.zeros_like(d)
+                for m, dm in enumerate(directions) for d in dm])
+            for x, y in zip(alone, padded, strict=True):
                 torch.testing.assert_close(x, y)
+            summed = list(alone) if summed is None else [a + b for a, b in
+                                                         zip(summed, alone, strict=True)]
+    assert summed is not None
+    for x, y in zip(summed, total, strict=True):
+        torch.testing.assert_close(x, y)

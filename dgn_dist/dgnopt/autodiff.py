@@ -2,7 +2,9 @@
 
 VJPs are ordinary autograd; JVPs use ``torch.func.jvp`` with ``functional_call`` so that the
 direction can be a parameter update ``k`` (``J_θ k``) or a state deviation ``δX``
-(``J_x δX``). Callers freeze BatchNorm running statistics around these calls.
+(``J_x δX``). Callers freeze BatchNorm running statistics around these calls. JVPs run under
+``no_grad`` (forward-mode AD does not depend on grad mode): no autograd graph is recorded on
+the parameters they do not differentiate.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, jvp, vmap
+from torch.func import functional_call, jvp
 
 from dgn_dist.game.core import Stage, State
 
@@ -50,31 +52,9 @@ def jvp_params(stage: Stage, params: Sequence[nn.Parameter], state: State,
 
     tangents = tuple(d.detach().to(p.dtype) for d, p in zip(directions, params, strict=True))
     # [1]: the tangent output (torch's stub types the result as a 2- or 3-tuple, has_aux).
-    tangent: State = jvp(f, tuple(p.detach() for p in params), tangents)[1]
+    with torch.no_grad():  # forward mode only: no autograd graph on the stage's other params
+        tangent: State = jvp(f, tuple(p.detach() for p in params), tangents)[1]
     return tangent
-
-
-def jvp_params_many(stage: Stage, params: Sequence[nn.Parameter], state: State,
-                    directions: Sequence[Sequence[Tensor]]) -> list[State]:
-    """``J_θ d_m`` for several parameter directions at once (``torch.func.vmap`` over the
-    tangents: the primal forward runs once); equal to one :func:`jvp_params` per direction."""
-    if len(directions) == 1:
-        return [jvp_params(stage, params, state, directions[0])]
-    keys = _param_keys(stage, params)
-    primal = tuple(s.detach() for s in state)
-    values = tuple(p.detach() for p in params)
-
-    def f(*vals: Tensor) -> State:
-        return functional_call(stage, dict(zip(keys, vals, strict=True)), (primal,),
-                               strict=False)
-
-    def tangent(*tangents: Tensor) -> State:
-        return jvp(f, values, tangents)[1]
-
-    stacked = tuple(torch.stack([d[i].detach().to(p.dtype) for d in directions])
-                    for i, p in enumerate(params))
-    out = vmap(tangent)(*stacked)
-    return [tuple(o[m] for o in out) for m in range(len(directions))]
 
 
 def jvp_state(stage: Stage, state: State, direction: State) -> State:
@@ -82,6 +62,7 @@ def jvp_state(stage: Stage, state: State, direction: State) -> State:
     def f(*xs: Tensor) -> State:
         return stage(tuple(xs))
 
-    tangent: State = jvp(f, tuple(s.detach() for s in state),
-                         tuple(d.detach() for d in direction))[1]
+    with torch.no_grad():  # forward mode only (no autograd graph on the parameters)
+        tangent: State = jvp(f, tuple(s.detach() for s in state),
+                             tuple(d.detach() for d in direction))[1]
     return tangent

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from dgn_dist.dgnopt.autodiff import jvp_params, jvp_params_many, vjp
+from dgn_dist.dgnopt.autodiff import jvp_params, vjp
 from dgn_dist.dgnopt.blocks import StageBatch
 from dgn_dist.dgnopt.capture import (
     PlayerTap,
@@ -223,11 +223,12 @@ def rescale_gains(stage: Stage, solver: StageSolver, x_t: State, q_theta: list[T
     rows = batch is not None and not _couples_samples(stage) and all(
         batch.a[n] is not None and batch.g[n] is not None for n in range(len(views)))
     jks: list[State | None] = [None] * len(units)
-    if not rows:  # one JVP per unit, batched over the units
-        jks = list(jvp_params_many(stage, params, x_t, [
-            [d for n, v in enumerate(views) for d in
-             (v.from_native(k[n]) if n in members else [torch.zeros_like(p) for p in v.params])]
-            for members, _ in units]))
+    if not rows:  # one JVP per unit, along that unit's parameters only: forward mode then
+        # skips every layer before the unit (no tangent reaches it), unlike a JVP along all
+        # parameters with zero directions for the others (same values, full cost)
+        jks = [jvp_params(stage, [p for n in members for p in views[n].params], x_t,
+                          [d for n in members for d in views[n].from_native(k[n])])
+               for members, _ in units]
     sums = []
     for (members, _), jk in zip(units, jks, strict=True):
         if jk is None:
