@@ -97,7 +97,7 @@ def test_feedback_vjp_equals_dense_q_thx() -> None:
         with frozen_batchnorm(stage):
             sweep_stage(stage, solver, x_t, vx_next, u_next, opts, True)
             dx = tuple(torch.randn_like(s) for s in x_t)
-            kdx = feedback_term(stage, solver, x_t, dx, u_next)
+            kdx = feedback_term(stage, solver, x_t, dx, u_next)[0]
         _, f_x, f_th = _dense(stage, x_t)
         expected = dense_inverse(solver) @ f_th.T @ factors_dense(u_next) @ f_x @ flat(dx)
         got = torch.cat([p.reshape(-1) for v, kn in zip(solver.views, kdx, strict=False)

@@ -126,7 +126,9 @@ def test_feedback_term_single_forward_equals_separate_jvp() -> None:
             del batch
             dx = tuple(0.1 * torch.randn_like(s) for s in x_t)
             u = tuple(torch.randn(b, 1, *s.shape[1:], dtype=DT) for s in x_next)
-            got = feedback_term(stage, solver, x_t, dx, u)
+            got, primal = feedback_term(stage, solver, x_t, dx, u)
+            for a, c in zip(primal, stage(tuple(s.detach() for s in x_t)), strict=True):
+                torch.testing.assert_close(a, c.detach())  # X_{t+1} at the old θ
             params = [p for v in views for p in v.params]
             _, jx = ad_jvp(lambda *xs, s=stage: s(tuple(xs)), tuple(s.detach() for s in x_t),
                            dx)

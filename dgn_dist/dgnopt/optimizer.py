@@ -48,6 +48,7 @@ from dgn_dist.dgnopt.sweep import StageSolution, SweepOptions, sweep_stage
 from dgn_dist.dgnopt.terminal import terminal_factors
 from dgn_dist.dgnopt.update_pass import NonFiniteUpdate, update_pass
 from dgn_dist.game import Game, build_game
+from dgn_dist.game.core import State
 
 #: Damping is multiplied by this factor when a step is skipped as non-finite.
 DAMPING_BUMP = 10.0
@@ -269,15 +270,17 @@ class DGNOpt(Optimizer):
                             rescale=self.rescale, reducer=self.reducer,
                             consistent_feedback=self.feedback_consistency)
         stages = self.game.stage_list()
-        with torch.no_grad():
-            states = self.game.trajectory(x)
-        if states[-1][0].shape != v_x.shape:
-            raise RuntimeError(f"the game's output {tuple(states[-1][0].shape)} does not match "
+        with torch.no_grad():  # entries are dropped during the sweep (memory)
+            states: list[State | None] = list(self.game.trajectory(x))
+        out_state = states[-1]
+        assert out_state is not None
+        if out_state[0].shape != v_x.shape:
+            raise RuntimeError(f"the game's output {tuple(out_state[0].shape)} does not match "
                                f"the captured logits {tuple(v_x.shape)}")
         # Global stacked-batch convention (reduction.py): this replica's rows of ∂φ/∂x_T with
         # φ the mean over all replicas' examples; float32 even under bf16 autocast.
         world = self.reducer.world
-        dtype = states[-1][0].dtype
+        dtype = out_state[0].dtype
         v_x, logits = v_x.to(dtype) / world, logits.to(dtype)
         u: tuple[Tensor, ...] | None = None  # U^{t+1}, rows of the factors of V_xx
         if use_factors:
@@ -291,7 +294,9 @@ class DGNOpt(Optimizer):
         keep: dict[str, dict[int, Any]] = {"vx": {len(stages): vx_t}, "u": {len(stages): u},
                                            "k": {}, "states": dict(enumerate(states))}
         for t in reversed(range(len(stages))):
-            sol, vx_prev, u_prev = sweep_stage(stages[t], self.solvers[t], states[t], vx_t, u,
+            x_t = states[t]
+            assert x_t is not None
+            sol, vx_prev, u_prev = sweep_stage(stages[t], self.solvers[t], x_t, vx_t, u,
                                                opts, need_value=t > 0)
             if not all_finite(sol.k):
                 raise NonFiniteUpdate(f"non-finite open gain at stage {stages[t].name}")
@@ -309,6 +314,10 @@ class DGNOpt(Optimizer):
                     recorded[f"{prefix}/{name}/{k}"] = v
             if vx_prev is not None:
                 vx_t, u = vx_prev, u_prev
+            if self.feedback and not self.keep_sweep and t + 1 < len(states):
+                # X_{t+1} is not read again: the update pass regenerates it as the primal of
+                # its feedback JVP (memory: one trajectory less at the sweep's peak)
+                states[t + 1] = None
         if self.keep_sweep:
             self.last_sweep = keep
         lr = float(group["lr"])

@@ -41,11 +41,12 @@ class UpdateRecord:
 
 
 def feedback_term(stage: Stage, solver: StageSolver, x_t: State, dx: State,
-                  u_next: State, reducer: Reducer = LOCAL) -> list[Tensor]:
+                  u_next: State, reducer: Reducer = LOCAL) -> tuple[list[Tensor], State]:
     """``K δX = Q_θθ⁻¹ Q_θx δX`` in native form; the weighted gradient ``Q_θx δX`` is a sum
     over examples, summed over the replicas (``reducer``). One forward-mode (dual) forward
     gives ``J_x δX`` as its tangent and the VJP graph on its primal, then one VJP, one
-    solve."""
+    solve. Also returns that primal, ``X_{t+1} = F_t(X_t, θ_t)`` at the old parameters (the
+    update pass regenerates the old trajectory from it instead of keeping it)."""
     views = solver.views
     params = [p for v in views for p in v.params]
     if not params:
@@ -69,7 +70,7 @@ def feedback_term(stage: Stage, solver: StageSolver, x_t: State, dx: State,
         rhs.append(v.to_native([g.detach() for g in grads[offset:offset + len(v.params)]]))
         offset += len(v.params)
     reducer.reduce(rhs, "feedback")
-    return solver.solve(rhs)
+    return solver.solve(rhs), tuple(o.detach() for o in out)
 
 
 @torch.no_grad()
@@ -85,7 +86,7 @@ def apply_steps(stage: Stage, views: Sequence[Any], steps: Sequence[Tensor], x_n
 
 
 def update_pass(stages: Sequence[Stage], solvers: Sequence[StageSolver],
-                states: Sequence[State], solutions: Sequence[StageSolution], *, lr: float,
+                states: Sequence[State | None], solutions: Sequence[StageSolution], *, lr: float,
                 feedback_scale: float, feedback: bool,
                 record: bool = False, reducer: Reducer = LOCAL) -> UpdateRecord:
     """Apply ``θ ← θ − lr (k + feedback_scale · K δX)`` stage by stage (module docstring).
@@ -93,7 +94,9 @@ def update_pass(stages: Sequence[Stage], solvers: Sequence[StageSolver],
     Args:
         stages: the game's stages.
         solvers: their curvature solvers (after the sweep).
-        states: the trajectory ``X_0 … X_T`` the sweep linearised around.
+        states: the trajectory ``X_0 … X_T`` the sweep linearised around; entries after
+            ``X_0`` may be ``None`` (dropped by the sweep): they are regenerated on the way,
+            as the primal of the feedback term's forward or a forward at the old parameters.
         solutions: the sweep's per-stage open gains and ``U^{t+1}``.
         lr: learning rate.
         feedback_scale: multiplies ``K δX`` (0 turns the feedback off).
@@ -106,14 +109,22 @@ def update_pass(stages: Sequence[Stage], solvers: Sequence[StageSolver],
     """
     rec = UpdateRecord()
     backups: list[tuple[Tensor, Tensor]] = []
-    x_new: State = tuple(s.detach() for s in states[0])
+    first = states[0]
+    if first is None:
+        raise ValueError("update_pass needs the trajectory's first state X_0")
+    x_new: State = tuple(s.detach() for s in first)
+    x_old: State = x_new
     dx: State | None = None
     try:
         for t, (stage, solver, sol) in enumerate(zip(stages, solvers, solutions, strict=False)):
             views = solver.views
             kdx: list[Tensor] | None = None
+            x_next: State | None = states[t + 1]
             if feedback and feedback_scale != 0.0 and dx is not None and sol.u_next is not None:
-                kdx = feedback_term(stage, solver, states[t], dx, sol.u_next, reducer)
+                kdx, x_next = feedback_term(stage, solver, x_old, dx, sol.u_next, reducer)
+            elif x_next is None:  # not kept by the sweep: F_t(X_t) at the old parameters
+                with torch.no_grad():
+                    x_next = stage(x_old)
             steps = []
             for n, v in enumerate(views):
                 open_part = lr * sol.k[n]
@@ -125,7 +136,9 @@ def update_pass(stages: Sequence[Stage], solvers: Sequence[StageSolver],
             if steps and not all_finite(steps):
                 raise NonFiniteUpdate(f"non-finite update at stage {stage.name}")
             x_new = apply_steps(stage, views, steps, x_new, backups)
-            dx = tuple(a - b.detach() for a, b in zip(x_new, states[t + 1], strict=False))
+            assert x_next is not None
+            dx = tuple(a - b.detach() for a, b in zip(x_new, x_next, strict=False))
+            x_old = x_next
     except NonFiniteUpdate:
         with torch.no_grad():
             for p, old in reversed(backups):

@@ -200,7 +200,7 @@ def update_range(stages: Sequence[Stage], solvers: Sequence[StageSolver],
     for t, (stage, solver, sol) in enumerate(zip(stages, solvers, solutions, strict=True)):
         views = solver.views
         if finite:
-            kdx = feedback_term(stage, solver, states[t], dx, sol.u_next, reducer) \
+            kdx = feedback_term(stage, solver, states[t], dx, sol.u_next, reducer)[0] \
                 if feedback and feedback_scale != 0.0 and dx is not None and \
                 sol.u_next is not None else None
             steps = [lr * sol.k[n] if kdx is None else lr * sol.k[n] +
