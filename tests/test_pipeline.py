@@ -107,6 +107,20 @@ def test_pp2_exact_equals_single_process(kind: str, info: str, vxx: str) -> None
     assert last["comm/forward_bytes"] == 0 and first["comm/sweep_bytes"] == 0
 
 
+@pytest.mark.parametrize("info", ["fne", "gr"])
+def test_pp2_exact_ekfac_between_refreshes_equals_single_process(info: str) -> None:
+    """EKFAC with the eigenbasis refreshed every other step: on the steps in between the
+    pipeline sums the EKFAC scaling per stage as the sweep passes and the Kronecker ``A``
+    in the forward pass (rank 1, shared-forward factor pass); parameters equal one process.
+    The MLP game: its factors have full rank at this batch (a rank-deficient ``A`` has a
+    degenerate null space whose eigenbasis, and so the EKFAC scaling, depends on rounding)."""
+    opts = {**BASE, "curvature": "ekfac", "inverse_interval": 2, "info": info,
+            "vxx": "empirical"}
+    expected, losses = _single("coop", opts)
+    results = run_distributed(_train, 2, "coop", opts, 2, 2, "exact", "2,2")
+    _assert_equal(results, expected, losses, "coop")
+
+
 @pytest.mark.parametrize("partition", ["1,3", "3,1"])
 def test_pp2_uneven_stages(partition: str) -> None:
     opts = {**BASE, "info": "fne", "vxx": "exact"}

@@ -33,10 +33,11 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from dgn_dist.dgnopt.factor_stats import input_stat, kron_stats, output_stat
 from dgn_dist.dgnopt.players import PlayerView
 from dgn_dist.dgnopt.reduction import Stat
 from dgn_dist.dgnopt.stage_batch import PsiChunk, StageBatch
-from dgn_dist.optim.kronecker import KroneckerFactor, Mode, projected_per_example, stat_dtype
+from dgn_dist.optim.kronecker import KroneckerFactor, Mode, projected_per_example
 
 Native = dict[int, Tensor]
 #: Per-sample gradients ``ψ`` by player: a ``Native`` dict or a lazy :class:`PsiChunk`.
@@ -53,20 +54,6 @@ def _ema(old: Tensor | None, new: Tensor, decay: float) -> Tensor:
 def _batch_dot(x: Tensor, y: Tensor, lead: int) -> Tensor:
     """Inner products over all but the first ``lead`` dims."""
     return (x * y).reshape(*x.shape[:lead], -1).sum(-1)
-
-
-def kron_stats(a: Tensor, g: Tensor, block_widths: Sequence[int] = ()) -> dict[str, Stat]:
-    """``A = mean_rows a aᵀ`` and ``G = Σ_rows g gᵀ`` (module docstring) in the statistics
-    dtype; with two or more ``block_widths`` the cross blocks of ``A`` between those column
-    groups are zeroed (Theorem 6, first bullet)."""
-    dt = stat_dtype(a.dtype)
-    a_stat = a.to(dt).T @ a.to(dt) / a.shape[0]
-    if len(block_widths) > 1:
-        mask = torch.block_diag(*[torch.ones(w, w, dtype=dt, device=a.device)
-                                  for w in block_widths])
-        a_stat = a_stat * mask
-    return {"A": Stat(a_stat, mean=True, symmetric=True),
-            "G": Stat(g.to(dt).T @ g.to(dt), mean=False, symmetric=True)}
 
 
 def _cached(kept: list[tuple[int, Tensor]], chunk: PsiChunk) -> Tensor:
@@ -277,12 +264,24 @@ class KronBlock(FactorBlock):
         g = torch.stack([x for x in g_list if x is not None]).mean(0)
         return a, g
 
-    def batch_stats(self, batch: StageBatch, update_factors: bool) -> dict[str, Stat]:
-        """``A`` (mean over rows) and ``G`` (sum over rows) of this step, when due."""
+    def batch_stats(self, batch: StageBatch, update_factors: bool,
+                    inputs: bool = True) -> dict[str, Stat]:
+        """``A`` (mean over rows) and ``G`` (sum over rows) of this step, when due; only ``G``
+        with ``inputs=False`` (``A`` was summed in the forward pass, :meth:`input_stats`)."""
         if not (update_factors or self.factor.A is None):
             return {}
+        if not inputs:
+            g_list = [batch.g[n] for n in self.members]
+            if any(g is None for g in g_list):
+                raise RuntimeError("Kronecker curvature needs the factor pass (g rows)")
+            return {"G": output_stat(torch.stack(g_list).mean(0))}  # type: ignore[arg-type]
         a, g = self.rows(batch)
         return kron_stats(a, g, self.widths if self.zero_cross else ())
+
+    def input_stats(self, a_rows: Sequence[Tensor]) -> dict[str, Stat]:
+        """``A`` of the members' input rows (in member order), e.g. from the forward pass."""
+        return {"A": input_stat(torch.cat(list(a_rows), dim=1),
+                                self.widths if self.zero_cross else ())}
 
     def update(self, batch: StageBatch, decay: float, update_factors: bool,
                refresh: bool, stats: dict[str, Tensor] | None = None) -> None:

@@ -39,8 +39,8 @@ from dgn_dist.dgnopt.blocks import (
     IdentityBlock,
     Native,
     StageBatch,
-    kron_stats,
 )
+from dgn_dist.dgnopt.factor_stats import kron_stats
 from dgn_dist.dgnopt.players import PlayerView
 from dgn_dist.dgnopt.reduction import Stat
 from dgn_dist.game.core import Stage

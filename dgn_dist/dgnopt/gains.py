@@ -33,11 +33,12 @@ from dgn_dist.dgnopt.blocks import (
     RmsDiagBlock,
     StageBatch,
 )
+from dgn_dist.dgnopt.capture import PlayerTap
 from dgn_dist.dgnopt.coop import CoopPairBlock
 from dgn_dist.dgnopt.extended import extended_identity_blocks
 from dgn_dist.dgnopt.players import PlayerView
 from dgn_dist.dgnopt.reduction import LOCAL, Reducer
-from dgn_dist.dgnopt.streamed import StreamedStats, add_block_stats
+from dgn_dist.dgnopt.streamed import StreamedStats, add_block_stats, add_input_stats
 from dgn_dist.game.core import Stage
 
 INFOS: tuple[str, ...] = ("olne", "fne", "gr")
@@ -159,6 +160,19 @@ class StageSolver:
             for blk in psi_blocks:
                 blk.psi_stats(psis)
 
+    def accumulate_inputs(self, acc: StreamedStats, tap: PlayerTap, num: int, *,
+                          update_factors: bool, refresh: bool) -> None:
+        """Add the ``A`` statistics of one micro-batch's forward pass (``tap`` recorded the
+        players' inputs) to ``acc``, for the Kronecker blocks that take them
+        (:func:`~dgn_dist.dgnopt.streamed.add_input_stats`)."""
+        members = {n for blk in self.blocks if isinstance(blk, KronBlock) for n in blk.members}
+        if not members or not (update_factors or any(
+                isinstance(b, KronBlock) and b.factor.A is None for b in self.blocks)):
+            return
+        rows = {n: self.views[n].a_rows(tap.input(n)) for n in sorted(members)}
+        add_input_stats(acc, self.blocks, rows, num, update_factors=update_factors,
+                        refresh=refresh, finite=all_finite(list(rows.values())))
+
     def update(self, batch: StageBatch, *, decay: float, update_factors: bool, refresh: bool,
                damping: float, weight_decay: float, reducer: Reducer = LOCAL,
                keep_projections: bool = False, streamed: StreamedStats | None = None) -> None:
@@ -180,7 +194,8 @@ class StageSolver:
             NonFiniteUpdate: a statistic of this step is not finite on some replica (nothing
                 is folded in; every replica raises).
         """
-        self.release()
+        if streamed is None:  # (accumulate may have kept projections of this batch)
+            self.release()
         for blk in self.blocks:  # cooperative pairs solve the Gram matrix through CG instead
             if isinstance(blk, KronBlock):
                 blk.keep_projections = keep_projections

@@ -46,15 +46,35 @@ class StreamedStats:
 
     Attributes:
         sums: per block, ``{name: (running sum, Stat template)}``; means are weighted sums.
-        examples: examples seen.
+        examples: examples seen by the sweep.
         finite: every micro-batch's ``Q_θ`` and rows were finite.
         psi_blocks: indices of the blocks whose per-sample sums were accumulated here.
+        input_blocks: indices of the Kronecker blocks whose ``A`` was summed in the forward
+            pass (:func:`add_input_stats`); the sweep adds only their ``G``.
     """
 
     sums: list[dict[str, tuple[Tensor, Stat]]] = field(default_factory=list)
     examples: int = 0
     finite: bool = True
     psi_blocks: set[int] = field(default_factory=set)
+    input_blocks: set[int] = field(default_factory=set)
+
+    def start(self, blocks: list[Block], update_factors: bool, refresh: bool) -> None:
+        """Begin the step (once): empty sums, no per-sample sums left over in the blocks."""
+        if self.sums:
+            return
+        for block in blocks:
+            block.reset_psi_stats()
+        self.sums = [{} for _ in blocks]
+        self.psi_blocks = {i for i, b in enumerate(blocks)
+                           if streams_psi(b, update_factors, refresh)}
+
+    def add(self, index: int, stats: dict[str, Stat], num: int) -> None:
+        """Add one micro-batch's statistics of block ``index`` (``num`` examples)."""
+        sums = self.sums[index]
+        for name, s in stats.items():
+            value = s.value * num if s.mean else s.value
+            sums[name] = (value if name not in sums else sums[name][0] + value, s)
 
     def stats(self) -> list[dict[str, Stat]]:
         """The whole batch's statistics in :meth:`Block.batch_stats` form."""
@@ -65,26 +85,40 @@ class StreamedStats:
         return out
 
 
+def add_input_stats(acc: StreamedStats, blocks: list[Block], a_rows: dict[int, Tensor],
+                    num: int, *, update_factors: bool, refresh: bool, finite: bool) -> None:
+    """Add one micro-batch's ``A`` statistics, from the forward pass, of the Kronecker
+    blocks (not inside cooperative pairs) whose members' input rows are all in ``a_rows``
+    (by player index)."""
+    acc.start(blocks, update_factors, refresh)
+    acc.finite = acc.finite and finite
+    if not acc.finite:
+        return
+    for i, block in enumerate(blocks):
+        if isinstance(block, KronBlock) and all(n in a_rows for n in block.members) and (
+                update_factors or block.factor.A is None):
+            acc.add(i, block.input_stats([a_rows[n] for n in block.members]), num)
+            acc.input_blocks.add(i)
+
+
 def add_block_stats(acc: StreamedStats, blocks: list[Block], batch: StageBatch, *,
                     update_factors: bool, refresh: bool, finite: bool) -> list[Block]:
-    """Add one micro-batch's block statistics to ``acc`` (nothing after a non-finite one).
+    """Add one micro-batch's block statistics to ``acc`` (nothing after a non-finite one);
+    blocks whose ``A`` came from the forward pass add only ``G``.
 
     Returns:
         The blocks whose per-sample sums the caller should add for this micro-batch
         (:meth:`~dgn_dist.dgnopt.gains.StageSolver.accumulate`).
     """
+    acc.start(blocks, update_factors, refresh)
     acc.finite = acc.finite and finite
     if not acc.finite:
         return []
-    if not acc.sums:  # first micro-batch of the step
-        for block in blocks:
-            block.reset_psi_stats()
-        acc.sums = [{} for _ in blocks]
-        acc.psi_blocks = {i for i, b in enumerate(blocks)
-                          if streams_psi(b, update_factors, refresh)}
-    for sums, block in zip(acc.sums, blocks, strict=True):
-        for name, s in block.batch_stats(batch, update_factors).items():
-            value = s.value * batch.num if s.mean else s.value
-            sums[name] = (value if name not in sums else sums[name][0] + value, s)
+    for i, block in enumerate(blocks):
+        if i in acc.input_blocks:
+            assert isinstance(block, KronBlock)
+            acc.add(i, block.batch_stats(batch, update_factors, inputs=False), batch.num)
+        else:
+            acc.add(i, block.batch_stats(batch, update_factors), batch.num)
     acc.examples += batch.num
     return [blocks[i] for i in sorted(acc.psi_blocks)]

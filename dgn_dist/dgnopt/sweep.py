@@ -38,6 +38,7 @@ from dgn_dist.dgnopt.capture import (
 from dgn_dist.dgnopt.gains import StageSolver
 from dgn_dist.dgnopt.players import PlayerView
 from dgn_dist.dgnopt.reduction import LOCAL, Reducer
+from dgn_dist.dgnopt.streamed import StreamedStats
 from dgn_dist.game.core import Stage, State
 
 
@@ -96,8 +97,9 @@ def psd_sqrt(m: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def sweep_stage(stage: Stage, solver: StageSolver, x_t: State, vx_next: State,
-                u_next: State | None, opts: SweepOptions,
-                need_value: bool) -> tuple[StageSolution, State | None, State | None]:
+                u_next: State | None, opts: SweepOptions, need_value: bool,
+                streamed: StreamedStats | None = None,
+                ) -> tuple[StageSolution, State | None, State | None]:
     """Run the backward sweep at one stage (module docstring).
 
     Args:
@@ -108,6 +110,9 @@ def sweep_stage(stage: Stage, solver: StageSolver, x_t: State, vx_next: State,
         u_next: ``U^{t+1}`` (``None`` when ``opts.use_factors`` is off).
         opts: switches.
         need_value: compute ``V_x^t`` and ``U^t`` (false for the first stage).
+        streamed: statistics this step already summed elsewhere (the pipeline's forward pass
+            sums the Kronecker ``A``, :mod:`dgn_dist.dgnopt.streamed`); the rest is added
+            from this batch before the curvature update.
 
     Returns:
         ``(solution, V_x^t, U^t)``; the last two are ``None`` when not needed.
@@ -144,9 +149,15 @@ def sweep_stage(stage: Stage, solver: StageSolver, x_t: State, vx_next: State,
     if opts.weight_decay:
         q_theta[:] = [q + opts.weight_decay * v.theta() for q, v in zip(q_theta, views,
                                                                         strict=True)]
+    keep = need_value and opts.feedback
+    if streamed is not None and w is not None:
+        solver.accumulate(streamed, batch, update_factors=opts.update_factors,
+                          refresh=opts.refresh, keep_projections=keep)
+    else:
+        streamed = None
     solver.update(batch, decay=opts.decay, update_factors=opts.update_factors,
                   refresh=opts.refresh, damping=opts.damping, weight_decay=opts.weight_decay,
-                  reducer=opts.reducer, keep_projections=need_value and opts.feedback)
+                  reducer=opts.reducer, keep_projections=keep, streamed=streamed)
     solver.reset_scales()
     k = solver.solve(solver.open_rhs(q_theta))
     jk_scaled: State | None = None

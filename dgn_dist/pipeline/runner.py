@@ -43,6 +43,7 @@ from dgn_dist.dgnopt.capture import frozen_batchnorm
 from dgn_dist.dgnopt.gains import StageSolver
 from dgn_dist.dgnopt.optimizer import DAMPING_BUMP
 from dgn_dist.dgnopt.reduction import LOCAL, Reducer
+from dgn_dist.dgnopt.streamed import StreamedStats
 from dgn_dist.dgnopt.terminal import factor_rank
 from dgn_dist.distributed.env import DistContext, build_device_mesh
 from dgn_dist.distributed.reduce import DEFAULT_BUCKET_BYTES, ByteCounter
@@ -177,7 +178,12 @@ class PipelineRunner:
             if self.opts.use_factors else 0
         self.game.train()
         tick = time.perf_counter()
-        traj = sh.forward(x if sh.prev is None else None, sizes, specs)
+        # The Kronecker A statistics are summed in the forward pass (the first ranks run it
+        # while later ranks still compute); the sweep adds the rest.
+        sums = [StreamedStats() for _ in sh.stages] if self.opts.use_factors and \
+            self.opts.curvature in ("kfac", "ekfac") else None
+        traj = sh.forward(x if sh.prev is None else None, sizes, specs, input_stats=sums,
+                          step=step)
         self._activation_bytes = sum(t.numel() * t.element_size() for tr in traj
                                      for st in tr for t in st)
         tock = time.perf_counter()
@@ -185,7 +191,7 @@ class PipelineRunner:
         with torch.enable_grad(), frozen_batchnorm(self.game):
             sols = sh.sweep(traj, y if sh.next is None else None, sizes, specs, r, step,
                             float(group["damping"]), float(group["weight_decay"]),
-                            self.mode == "stale_k")
+                            self.mode == "stale_k", input_stats=sums)
         qnorm = 0.0 if sols is None else sum(float(q.double().pow(2).sum())
                                              for s in sols for q in s.q_theta)
         term = sh.terminal if sh.next is None else None

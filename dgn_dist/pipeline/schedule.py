@@ -29,8 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dgn_dist.dgnopt.capture import PlayerTap
 from dgn_dist.dgnopt.gains import NonFiniteUpdate, StageSolver
 from dgn_dist.dgnopt.reduction import Reducer
+from dgn_dist.dgnopt.streamed import StreamedStats
 from dgn_dist.dgnopt.sweep import StageSolution, SweepOptions, sweep_stage
 from dgn_dist.dgnopt.terminal import terminal_factors
 from dgn_dist.game.core import Stage, State
@@ -81,8 +83,13 @@ class Shard:
 
     # -- forward -----------------------------------------------------------------------
     def forward(self, x: Tensor | None, sizes: Sequence[int], specs: dict[int, Specs],
-                kind: str = "forward") -> list[list[State]]:
-        """GPipe forward over the micro-batches; returns ``traj[m][i] = X_{t0+i}``."""
+                kind: str = "forward", input_stats: list[StreamedStats] | None = None,
+                step: int = 0) -> list[list[State]]:
+        """GPipe forward over the micro-batches; returns ``traj[m][i] = X_{t0+i}``.
+
+        ``input_stats`` (training, one per stage): sum the Kronecker ``A`` statistics of
+        step ``step`` here, while the micro-batches go forward -- on the first ranks this
+        runs while the later ranks still compute, instead of in the backward sweep."""
         t1 = self.t0 + len(self.stages)
         recvs = [self.link.recv(specs[s][self.t0], self.prev, kind) for s in sizes] \
             if self.prev is not None else []
@@ -97,8 +104,17 @@ class Shard:
                     self.link.wait(handle)
                     state = tuple(bufs)
                 states = [state]
-                for stage in self.stages:
-                    state = stage(state)
+                for i, stage in enumerate(self.stages):
+                    if input_stats is None:
+                        state = stage(state)
+                    else:
+                        solver = self.solvers[i]
+                        with PlayerTap([v.player for v in solver.views]) as tap:
+                            state = stage(state)
+                        solver.accumulate_inputs(
+                            input_stats[i], tap, int(sizes[m]),
+                            update_factors=step % self.opts.factor_interval == 0,
+                            refresh=step % self.opts.inverse_interval == 0)
                     states.append(state)
                 traj.append(states)
                 if self.next is not None:
@@ -162,8 +178,12 @@ class Shard:
 
     def sweep(self, traj: list[list[State]], y: Tensor | None, sizes: Sequence[int],
               specs: dict[int, Specs], r: int, step: int, damping: float,
-              weight_decay: float, stale: bool) -> list[StageSolution] | None:
-        """The backward sweep of the range (module docstring); ``None`` when it failed."""
+              weight_decay: float, stale: bool,
+              input_stats: list[StreamedStats] | None = None) -> list[StageSolution] | None:
+        """The backward sweep of the range (module docstring); ``None`` when it failed.
+        ``input_stats``: what :meth:`forward` summed this step (one per stage)."""
+        sums: list[StreamedStats | None] = list(input_stats) if input_stats is not None \
+            else [None] * len(self.stages)
         opts = self._sweep_opts(step, damping, weight_decay)
         t1 = self.t0 + len(self.stages)
         recvs = [self.link.recv(self._message_specs(specs[s], t1, r), self.next, "sweep")
@@ -177,7 +197,7 @@ class Shard:
             ok = self.reducer.agree(ok)  # skip decisions stay collective in the dp group
             terminal = ((v_x,), (u,) if u is not None else None)
         if stale and self.k_prev is not None and ok:
-            return self._stream(traj, full, recvs, terminal, sizes, specs, r, opts)
+            return self._stream(traj, full, recvs, terminal, sizes, specs, r, opts, sums)
         if self.next is not None:
             msgs = []
             for bufs, handle in recvs:
@@ -194,7 +214,8 @@ class Shard:
                 raise NonFiniteUpdate("non-finite loss gradient")
             for i in reversed(range(len(self.stages))):
                 sol, vx_prev, u_prev = sweep_stage(self.stages[i], self.solvers[i], full[i],
-                                                   vx_t, u_t, opts, need_value=self.t0 + i > 0)
+                                                   vx_t, u_t, opts, need_value=self.t0 + i > 0,
+                                                   streamed=sums[i])
                 if sol.k and not bool(torch.stack([torch.isfinite(k).all()
                                                    for k in sol.k]).all()):
                     raise NonFiniteUpdate(f"non-finite open gain at stage {self.stages[i].name}")
@@ -211,11 +232,11 @@ class Shard:
 
     def _stream(self, traj: list[list[State]], full: list[State], recvs: list,
                 terminal: tuple[State, State | None] | None, sizes: Sequence[int],
-                specs: dict[int, Specs], r: int,
-                opts: SweepOptions) -> list[StageSolution] | None:
+                specs: dict[int, Specs], r: int, opts: SweepOptions,
+                sums: list[StreamedStats | None]) -> list[StageSolution] | None:
         """``stale_k``: propagate each micro-batch on arrival, then solve the fresh gains."""
         assert self.k_prev is not None
-        accs = [StreamedStage() for _ in self.stages]
+        accs = [StreamedStage() if s is None else StreamedStage(stats=s) for s in sums]
         if terminal is not None:
             tv = split_rows(terminal[0], sizes)
             tu = split_rows(terminal[1], sizes) if terminal[1] is not None else None
