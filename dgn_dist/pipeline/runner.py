@@ -178,10 +178,11 @@ class PipelineRunner:
             if self.opts.use_factors else 0
         self.game.train()
         tick = time.perf_counter()
-        # The Kronecker A statistics are summed in the forward pass (the first ranks run it
-        # while later ranks still compute); the sweep adds the rest.
-        sums = [StreamedStats() for _ in sh.stages] if self.opts.use_factors and \
-            self.opts.curvature in ("kfac", "ekfac") else None
+        # Ranks before the last sum the Kronecker A statistics in the forward pass: they
+        # would otherwise wait there for the later ranks' sweep (it costs a second im2col,
+        # so the last rank -- and one process -- keep them in the sweep).
+        sums = [StreamedStats() for _ in sh.stages] if sh.next is not None and \
+            self.opts.use_factors and self.opts.curvature in ("kfac", "ekfac") else None
         traj = sh.forward(x if sh.prev is None else None, sizes, specs, input_stats=sums,
                           step=step)
         self._activation_bytes = sum(t.numel() * t.element_size() for tr in traj

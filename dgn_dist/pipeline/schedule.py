@@ -95,6 +95,7 @@ class Shard:
             if self.prev is not None else []
         chunks = x.split(list(sizes)) if x is not None else ()
         traj: list[list[State]] = []
+        taps: list[tuple[int, PlayerTap, int]] = []
         with torch.no_grad():
             for m in range(len(sizes)):
                 if self.prev is None:
@@ -107,19 +108,21 @@ class Shard:
                 for i, stage in enumerate(self.stages):
                     if input_stats is None:
                         state = stage(state)
-                    else:
-                        solver = self.solvers[i]
-                        with PlayerTap([v.player for v in solver.views]) as tap:
+                    else:  # record the players' inputs; the statistics follow below
+                        with PlayerTap([v.player for v in self.solvers[i].views]) as tap:
                             state = stage(state)
-                        solver.accumulate_inputs(
-                            input_stats[i], tap, int(sizes[m]),
-                            update_factors=step % self.opts.factor_interval == 0,
-                            refresh=step % self.opts.inverse_interval == 0)
+                        taps.append((i, tap, int(sizes[m])))
                     states.append(state)
                 traj.append(states)
                 if self.next is not None:
                     self.link.send(state, self.next, kind)
         self.link.flush()
+        # After every micro-batch has been sent on: the next rank is not kept waiting.
+        for i, tap, num in taps:
+            self.solvers[i].accumulate_inputs(
+                input_stats[i], tap, num,  # type: ignore[index]
+                update_factors=step % self.opts.factor_interval == 0,
+                refresh=step % self.opts.inverse_interval == 0)
         assert len(traj[0]) == t1 - self.t0 + 1
         return traj
 
