@@ -1,16 +1,19 @@
 """Stage-level pieces of the pipelined sweep and update pass (DESIGN.md §2.1-2.2, §4).
 
-The ``exact`` schedule calls :func:`dgn_dist.dgnopt.sweep.sweep_stage` unchanged on the whole
-local batch. The ``stale_k`` schedule splits that function in two so that micro-batches can
+The ``exact`` schedule calls :func:`dgn_dist.dgnopt.sweep.sweep_stage` on the whole local
+batch (with the Kronecker ``A`` statistics that ranks before the last summed in the forward
+pass). The ``stale_k`` schedule splits that function in two so that micro-batches can
 stream through the backward sweep:
 
 * :func:`stream_stage` (per micro-batch): ``Q_θ`` and the Kronecker rows of this
-  micro-batch, and the value function passed to the previous stage computed with the open
-  gain ``k`` and the curvature of the PREVIOUS iteration:
+  micro-batch, its curvature statistics added to the step's sums
+  (:mod:`dgn_dist.dgnopt.streamed`), and the value function passed to the previous stage
+  computed with the open gain ``k`` and the curvature of the PREVIOUS iteration:
   ``V_x^t = VJP_x(V_x^{t+1} − Σ_i u_{b,i} <u_{b,i}, (J_θ k_prev)_b>)`` and
   ``U_b^t = (I − Γ_b)^{1/2} W_b`` with ``Γ_b`` under the previous ``Q_θθ⁻¹`` (eq. 10);
-* :func:`finish_stage` (once all micro-batches passed): fold the whole batch's statistics
-  into the curvature, solve the fresh ``k = Q_θθ⁻¹ Q_θ`` the update pass applies, rescale.
+* :func:`finish_stage` (once all micro-batches passed): fold the summed statistics into the
+  curvature (per-sample sums that could not stream -- an eigenbasis refresh -- run here over
+  the whole batch), solve the fresh ``k = Q_θθ⁻¹ Q_θ`` the update pass applies, rescale.
 
 :func:`update_range` is the update pass over a contiguous range of stages; unlike
 :func:`dgn_dist.dgnopt.update_pass.update_pass` it does not roll back on its own: it keeps the
