@@ -159,3 +159,21 @@ def test_dp_benchmark_reports_bytes_and_ratios(tmp_path: Path) -> None:
     assert dp2["sgd"]["bytes_per_step"]["grad"] > 0
     assert dp2["dgnopt"]["bytes_per_step"]["factor"] > 0
     assert all(r["ms_per_step"] > 0 for r in rows)
+
+
+def test_gpu_check_script_plumbing_on_cpu(tmp_path: Path) -> None:
+    """launch/gpu_check.sh (the prepared device check) runs end to end with DEVICE=cpu and
+    writes its result files: the benchmark rows and both training summaries."""
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "DEVICE": "cpu", "MODELS": "digits_resnet",
+           "STEPS": "10", "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["bash", str(ROOT / "launch" / "gpu_check.sh")], env=env,
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert {p.name for p in out.iterdir()} == {"env.txt", "bench_gpu.txt", "bench_gpu.json",
+                                               "train_bf16.json", "train_nccl.json", "log.txt"}
+    rows = json.loads((out / "bench_gpu.json").read_text())["results"]
+    assert [r["optimizer"] for r in rows] == ["sgd", "ekfac", "dgnopt"]
+    for name in ("train_bf16.json", "train_nccl.json"):
+        summary = json.loads((out / name).read_text())
+        assert summary["steps"] == 10 and 0.0 <= summary["test_acc"] <= 100.0
