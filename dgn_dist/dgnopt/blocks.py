@@ -33,7 +33,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from dgn_dist.dgnopt.factor_stats import input_stat, kron_stats, output_stat
+from dgn_dist.dgnopt.factor_stats import input_stat, joint_rows, kron_stats, output_stat
 from dgn_dist.dgnopt.players import PlayerView
 from dgn_dist.dgnopt.reduction import Stat
 from dgn_dist.dgnopt.stage_batch import PsiChunk, StageBatch
@@ -260,9 +260,14 @@ class KronBlock(FactorBlock):
             raise ValueError(f"players {names} share an output group but their rows differ "
                              f"(input rows {sorted(shapes)}, output rows {sorted(gshapes)}); "
                              "same-group players must write the same output positions")
-        a = torch.cat([x for x in a_list if x is not None], dim=1)
-        g = torch.stack([x for x in g_list if x is not None]).mean(0)
-        return a, g
+        return joint_rows([x for x in a_list if x is not None]), self.output_rows(batch)
+
+    def output_rows(self, batch: StageBatch) -> Tensor:
+        """Mean output rows of the members (the rows themselves for one member)."""
+        g_list = [g for g in (batch.g[n] for n in self.members) if g is not None]
+        if len(g_list) != len(self.members):
+            raise RuntimeError("Kronecker curvature needs the factor pass (g rows)")
+        return g_list[0] if len(g_list) == 1 else torch.stack(g_list).mean(0)
 
     def batch_stats(self, batch: StageBatch, update_factors: bool,
                     inputs: bool = True) -> dict[str, Stat]:
@@ -271,17 +276,13 @@ class KronBlock(FactorBlock):
         if not (update_factors or self.factor.A is None):
             return {}
         if not inputs:
-            g_list = [batch.g[n] for n in self.members]
-            if any(g is None for g in g_list):
-                raise RuntimeError("Kronecker curvature needs the factor pass (g rows)")
-            return {"G": output_stat(torch.stack(g_list).mean(0))}  # type: ignore[arg-type]
+            return {"G": output_stat(self.output_rows(batch))}
         a, g = self.rows(batch)
         return kron_stats(a, g, self.widths if self.zero_cross else ())
 
     def input_stats(self, a_rows: Sequence[Tensor]) -> dict[str, Stat]:
         """``A`` of the members' input rows (in member order), e.g. from the forward pass."""
-        return {"A": input_stat(torch.cat(list(a_rows), dim=1),
-                                self.widths if self.zero_cross else ())}
+        return {"A": input_stat(joint_rows(list(a_rows)), self.widths if self.zero_cross else ())}
 
     def update(self, batch: StageBatch, decay: float, update_factors: bool,
                refresh: bool, stats: dict[str, Tensor] | None = None) -> None:

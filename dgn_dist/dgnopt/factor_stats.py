@@ -17,6 +17,11 @@ from dgn_dist.dgnopt.reduction import Stat
 from dgn_dist.optim.kronecker import stat_dtype
 
 
+def joint_rows(rows: Sequence[Tensor]) -> Tensor:
+    """Input rows of several players side by side (no copy for one player)."""
+    return rows[0] if len(rows) == 1 else torch.cat(list(rows), dim=1)
+
+
 def input_stat(a: Tensor, block_widths: Sequence[int] = ()) -> Stat:
     """``A = mean_rows a aᵀ``; with two or more ``block_widths`` the cross blocks of ``A``
     between those column groups are zeroed (Theorem 6, first bullet)."""

@@ -63,6 +63,11 @@ def all_finite(tensors: Sequence[Tensor]) -> bool:
     return not extremes or bool(torch.isfinite(torch.cat(extremes)).all())
 
 
+def _rows_of(batch: StageBatch) -> list[Tensor]:
+    """The batch's ``Q_θ``, input rows and output rows (for one finiteness check)."""
+    return [t for t in (*batch.q_theta, *batch.a, *batch.g) if t is not None]
+
+
 class StageSolver:
     """The curvature blocks of one stage and the solves built on them.
 
@@ -147,17 +152,18 @@ class StageSolver:
 
         ``keep_projections``: Kronecker blocks keep the micro-batch's projections for a
         :meth:`gram` of it under the current curvature (which releases them)."""
-        tensors = [t for t in (*batch.q_theta, *batch.a, *batch.g) if t is not None]
         psi_blocks = add_block_stats(acc, self.blocks, batch, update_factors=update_factors,
-                                     refresh=refresh, finite=all_finite(tensors))
-        if not psi_blocks:
-            return
+                                     refresh=refresh, finite=all_finite(_rows_of(batch)))
         for blk in psi_blocks:
             if isinstance(blk, KronBlock):
                 blk.keep_projections = keep_projections
-        members = sorted({n for b in psi_blocks for n in b.members})
-        for psis in self.iter_psi(batch, members):
-            for blk in psi_blocks:
+        self._psi_pass(batch, psi_blocks)
+
+    def _psi_pass(self, batch: StageBatch, blocks: Sequence[Block]) -> None:
+        """Add ``batch``'s per-sample sums to ``blocks`` (chunks of samples)."""
+        members = sorted({n for b in blocks for n in b.members})
+        for psis in self.iter_psi(batch, members) if blocks else ():
+            for blk in blocks:
                 blk.psi_stats(psis)
 
     def accumulate_inputs(self, acc: StreamedStats, tap: PlayerTap, num: int, *,
@@ -200,8 +206,7 @@ class StageSolver:
             if isinstance(blk, KronBlock):
                 blk.keep_projections = keep_projections
         if streamed is None:
-            tensors = [t for t in (*batch.q_theta, *batch.a, *batch.g) if t is not None]
-            finite = all_finite(tensors)
+            finite = all_finite(_rows_of(batch))
         else:
             finite = streamed.finite and all_finite(batch.q_theta)
         if not reducer.agree(finite):
@@ -224,10 +229,7 @@ class StageSolver:
         fresh = [b for b in psi_blocks if id(b) not in done]
         for blk in fresh:
             blk.reset_psi_stats()
-        members = sorted({n for b in fresh for n in b.members})
-        for psis in self.iter_psi(batch, members) if fresh else ():
-            for blk in fresh:
-                blk.psi_stats(psis)
+        self._psi_pass(batch, fresh)
         reducer.reduce([t for blk in psi_blocks for t in blk.psi_accumulators()], "factor")
         for blk in psi_blocks:
             blk.end_psi_stats(decay)

@@ -69,6 +69,14 @@ class StreamedStats:
         self.psi_blocks = {i for i, b in enumerate(blocks)
                            if streams_psi(b, update_factors, refresh)}
 
+    def begin_micro_batch(self, blocks: list[Block], update_factors: bool, refresh: bool,
+                          finite: bool) -> bool:
+        """:meth:`start` the step if needed and record the micro-batch's finiteness;
+        False once any micro-batch was not finite (nothing more is added)."""
+        self.start(blocks, update_factors, refresh)
+        self.finite = self.finite and finite
+        return self.finite
+
     def add(self, index: int, stats: dict[str, Stat], num: int) -> None:
         """Add one micro-batch's statistics of block ``index`` (``num`` examples)."""
         sums = self.sums[index]
@@ -90,9 +98,7 @@ def add_input_stats(acc: StreamedStats, blocks: list[Block], a_rows: dict[int, T
     """Add one micro-batch's ``A`` statistics, from the forward pass, of the Kronecker
     blocks (not inside cooperative pairs) whose members' input rows are all in ``a_rows``
     (by player index)."""
-    acc.start(blocks, update_factors, refresh)
-    acc.finite = acc.finite and finite
-    if not acc.finite:
+    if not acc.begin_micro_batch(blocks, update_factors, refresh, finite):
         return
     for i, block in enumerate(blocks):
         if isinstance(block, KronBlock) and all(n in a_rows for n in block.members) and (
@@ -110,9 +116,7 @@ def add_block_stats(acc: StreamedStats, blocks: list[Block], batch: StageBatch, 
         The blocks whose per-sample sums the caller should add for this micro-batch
         (:meth:`~dgn_dist.dgnopt.gains.StageSolver.accumulate`).
     """
-    acc.start(blocks, update_factors, refresh)
-    acc.finite = acc.finite and finite
-    if not acc.finite:
+    if not acc.begin_micro_batch(blocks, update_factors, refresh, finite):
         return []
     for i, block in enumerate(blocks):
         if i in acc.input_blocks:
