@@ -130,7 +130,7 @@ def test_rescale_from_rows_equals_one_jvp_per_unit(info: str, batch_norm: bool,
     keep the JVP form (there ``<ψ_{b,i}, k>`` is not per-sample)."""
     from torch import nn
 
-    from dgn_dist.dgnopt import sweep
+    from dgn_dist.dgnopt import sweep, tangents
     from dgn_dist.models.blocks import ResidualBlock
 
     model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Tanh(),
@@ -141,7 +141,7 @@ def test_rescale_from_rows_equals_one_jvp_per_unit(info: str, batch_norm: bool,
     with torch.no_grad():
         states = game.trajectory(torch.randn(b, 1, 4, 4, dtype=DT))
     outs, jvps = {}, {}
-    original, original_jvp = sweep.rescale_gains, sweep.jvp_params
+    original, original_jvp = sweep.rescale_gains, tangents.Linearization.jvp
     for rows in (True, False):
         calls: list = []
         jvps[rows] = 0
@@ -158,7 +158,7 @@ def test_rescale_from_rows_equals_one_jvp_per_unit(info: str, batch_norm: bool,
             return original_jvp(*args, **kwargs)
 
         monkeypatch.setattr(sweep, "rescale_gains", spy)
-        monkeypatch.setattr(sweep, "jvp_params", count)
+        monkeypatch.setattr(tangents.Linearization, "jvp", count)
         torch.manual_seed(5)
         for t in (1, 2):
             stage = game.stages[t]

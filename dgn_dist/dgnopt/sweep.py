@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from dgn_dist.dgnopt.autodiff import jvp_params, vjp
+from dgn_dist.dgnopt.autodiff import vjp
 from dgn_dist.dgnopt.blocks import StageBatch
 from dgn_dist.dgnopt.capture import (
     PlayerTap,
@@ -39,6 +39,7 @@ from dgn_dist.dgnopt.gains import StageSolver
 from dgn_dist.dgnopt.players import PlayerView
 from dgn_dist.dgnopt.reduction import LOCAL, Reducer
 from dgn_dist.dgnopt.streamed import StreamedStats
+from dgn_dist.dgnopt.tangents import Linearization
 from dgn_dist.game.core import Stage, State
 
 
@@ -161,9 +162,11 @@ def sweep_stage(stage: Stage, solver: StageSolver, x_t: State, vx_next: State,
     solver.reset_scales()
     k = solver.solve(solver.open_rhs(q_theta))
     jk_scaled: State | None = None
+    lin = Linearization(stage, x_t)  # the JVPs below share one recorded forward
     if opts.rescale and u_next is not None and views:
         k, jk_scaled = rescale_gains(stage, solver, x_t, q_theta, k, u_next, opts.reducer,
-                                     batch=batch, need_jk=need_value and opts.feedback)
+                                     batch=batch, need_jk=need_value and opts.feedback,
+                                     lin=lin)
     stats: dict[str, Tensor] = {}
     gram: Tensor | None = None
     fb_scale: Tensor | None = None
@@ -182,7 +185,7 @@ def sweep_stage(stage: Stage, solver: StageSolver, x_t: State, vx_next: State,
         if jk_scaled is not None:
             jk = jk_scaled
         elif params:
-            jk = jvp_params(stage, params, x_t, directions)
+            jk = lin.jvp(None, params, directions)
         else:
             jk = tuple(torch.zeros_like(o) for o in out)
         if fb_scale is not None:  # Q_xθ k / s: the value of the applied policy (lift)
@@ -201,8 +204,8 @@ def sweep_stage(stage: Stage, solver: StageSolver, x_t: State, vx_next: State,
 
 def rescale_gains(stage: Stage, solver: StageSolver, x_t: State, q_theta: list[Tensor],
                   k: list[Tensor], u_next: State, reducer: Reducer = LOCAL, *,
-                  batch: StageBatch | None = None,
-                  need_jk: bool = True) -> tuple[list[Tensor], State | None]:
+                  batch: StageBatch | None = None, need_jk: bool = True,
+                  lin: Linearization | None = None) -> tuple[list[Tensor], State | None]:
     """Keep each block's quadratic model at or above the batch Gauss-Newton model.
 
     A Kronecker (or EMA) curvature can lie far below the batch's Gauss-Newton curvature
@@ -220,7 +223,8 @@ def rescale_gains(stage: Stage, solver: StageSolver, x_t: State, q_theta: list[T
     data-parallel replicas in one reduction (``reducer``). With the factor pass's rows
     (``batch``) the inner products are ``<ψ_{b,i}, k>`` (``ψ = F_θᵀ u``, :func:`_psi_dots`) and
     one JVP along the rescaled ``k`` replaces one JVP per unit, unless BatchNorm couples the
-    samples of the stage (then ``<ψ_{b,i}, k>`` is not ``<u_{b,i}, (J_θ k)_b>``).
+    samples of the stage (then ``<ψ_{b,i}, k>`` is not ``<u_{b,i}, (J_θ k)_b>``). The JVPs
+    share the forward recorded by ``lin`` (:mod:`.tangents`; made here when not given).
 
     Returns:
         The rescaled gains and ``J_θ k`` for them (reused by the ``V_x`` update; ``None``
@@ -228,6 +232,7 @@ def rescale_gains(stage: Stage, solver: StageSolver, x_t: State, q_theta: list[T
     """
     views = solver.views
     params = [p for v in views for p in v.params]
+    lin = Linearization(stage, x_t) if lin is None else lin
     scales: list[Tensor] = [torch.ones((), dtype=torch.float64)] * len(views)
     jk_total: list[Tensor] | None = None
     units = solver.rescale_units()
@@ -237,8 +242,8 @@ def rescale_gains(stage: Stage, solver: StageSolver, x_t: State, q_theta: list[T
     if not rows:  # one JVP per unit, along that unit's parameters only: forward mode then
         # skips every layer before the unit (no tangent reaches it), unlike a JVP along all
         # parameters with zero directions for the others (same values, full cost)
-        jks = [jvp_params(stage, [p for n in members for p in views[n].params], x_t,
-                          [d for n in members for d in views[n].from_native(k[n])])
+        jks = [lin.jvp(None, [p for n in members for p in views[n].params],
+                       [d for n in members for d in views[n].from_native(k[n])])
                for members, _ in units]
     sums = []
     for (members, _), jk in zip(units, jks, strict=True):
@@ -272,8 +277,8 @@ def rescale_gains(stage: Stage, solver: StageSolver, x_t: State, q_theta: list[T
     if rows:
         if not need_jk:
             return k, None
-        return k, jvp_params(stage, params, x_t, [d for n, v in enumerate(views)
-                                                  for d in v.from_native(k[n])])
+        return k, lin.jvp(None, params, [d for n, v in enumerate(views)
+                                         for d in v.from_native(k[n])])
     assert jk_total is not None
     return k, tuple(jk_total)
 

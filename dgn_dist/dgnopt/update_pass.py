@@ -19,14 +19,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.autograd.forward_ad as fwad
 from torch import Tensor
 
-from dgn_dist.dgnopt.autodiff import jvp_state, vjp
+from dgn_dist.dgnopt.autodiff import vjp
 from dgn_dist.dgnopt.capture import contract_factors
 from dgn_dist.dgnopt.gains import NonFiniteUpdate, StageSolver, all_finite
 from dgn_dist.dgnopt.reduction import LOCAL, Reducer
 from dgn_dist.dgnopt.sweep import StageSolution
+from dgn_dist.dgnopt.tangents import forward_with_tangent
 from dgn_dist.game.core import Stage, State
 
 __all__ = ["NonFiniteUpdate", "UpdateRecord", "feedback_term", "update_pass"]
@@ -43,28 +43,17 @@ class UpdateRecord:
 def feedback_term(stage: Stage, solver: StageSolver, x_t: State, dx: State,
                   u_next: State, reducer: Reducer = LOCAL) -> tuple[list[Tensor], State]:
     """``K δX = Q_θθ⁻¹ Q_θx δX`` in native form; the weighted gradient ``Q_θx δX`` is a sum
-    over examples, summed over the replicas (``reducer``). One forward-mode (dual) forward
-    gives ``J_x δX`` as its tangent and the VJP graph on its primal, then one VJP, one
-    solve. Also returns that primal, ``X_{t+1} = F_t(X_t, θ_t)`` at the old parameters (the
-    update pass regenerates the old trajectory from it instead of keeping it)."""
+    over examples, summed over the replicas (``reducer``). One forward gives the VJP graph
+    on its primal and ``J_x δX`` as its tangent (:func:`.tangents.forward_with_tangent`),
+    then one VJP, one solve. Also returns that primal, ``X_{t+1} = F_t(X_t, θ_t)`` at the old
+    parameters (the update pass regenerates the old trajectory from it instead of keeping
+    it)."""
     views = solver.views
     params = [p for v in views for p in v.params]
-    if not params:
-        jx = jvp_state(stage, x_t, dx)
+    with torch.enable_grad():
+        out, jx = forward_with_tangent(stage, x_t, dx)
         coef = contract_factors(u_next, jx)
-        with torch.enable_grad():
-            out = stage(tuple(s.detach() for s in x_t))
-            grads = vjp(out, coef, params)
-    else:  # one forward: the primal carries the VJP graph, the tangent is J_x δX
-        with torch.enable_grad(), fwad.dual_level():
-            out_dual = stage(tuple(fwad.make_dual(s.detach(), d.detach().to(s.dtype))
-                                   for s, d in zip(x_t, dx, strict=True)))
-            parts = [fwad.unpack_dual(o) for o in out_dual]
-            out = tuple(p.primal for p in parts)
-            jx = tuple(torch.zeros_like(p.primal) if p.tangent is None else p.tangent.detach()
-                       for p in parts)
-            coef = contract_factors(u_next, jx)
-            grads = vjp(out, coef, params)
+        grads = vjp(out, coef, params)
     rhs, offset = [], 0
     for v in views:
         rhs.append(v.to_native([g.detach() for g in grads[offset:offset + len(v.params)]]))

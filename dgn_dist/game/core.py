@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal, cast
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -71,6 +71,12 @@ class Stage(nn.Module):
 
     def forward(self, state: State) -> State:  # pragma: no cover - overridden
         raise TypeError(f"{type(self).__name__} must override forward(state)")
+
+    def flow(self, state: tuple[Any, ...], apply: Any) -> tuple[Any, ...]:
+        """``forward`` with every module list run through ``apply(ops, value)`` and the sums
+        left to the values' ``+``: the same code then carries tensors (``forward``) or
+        primal-tangent pairs (:mod:`dgn_dist.dgnopt.tangents`)."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose its data flow")
 
     def dynamics(self) -> str:
         """A short text of what ``forward`` computes (module names in call order)."""

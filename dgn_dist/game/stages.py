@@ -16,18 +16,27 @@ order the model's forward calls them, so ``game(x)`` reproduces ``model(x)`` bit
   adding into one output (cooperative block, fictitious players).
 
 ``ops`` entries are ``(dotted_name, module)`` pairs; the names are kept for ``describe``.
+Each stage writes its dynamics once, in ``flow``; ``forward`` is ``flow`` on tensors, and
+forward-mode products run the same ``flow`` on primal-tangent pairs
+(:mod:`dgn_dist.dgnopt.tangents`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import cast
+from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 from torch import Tensor, nn
 
 from dgn_dist.game.core import Player, Stage, State
 
 Op = tuple[str, nn.Module]
+#: How :meth:`Stage.flow` runs one ``_Ops`` on one value (a tensor, or a primal-tangent pair).
+Apply = Callable[["_Ops", Any], Any]
+
+
+def _call(ops: _Ops, x: Tensor) -> Tensor:
+    return cast(Tensor, ops(x))
 
 
 class _Ops(nn.Module):
@@ -71,8 +80,11 @@ class ChainStage(Stage):
         self.players = players
 
     def forward(self, state: State) -> State:
+        return cast(State, self.flow(state, _call))
+
+    def flow(self, state: tuple[Any, ...], apply: Apply) -> tuple[Any, ...]:
         _check_arity(self, state, 1)
-        return (self.ops(state[0]),)
+        return (apply(self.ops, state[0]),)
 
     def dynamics(self) -> str:
         return self.ops.summary()
@@ -99,9 +111,12 @@ class BranchStage(Stage):
         self.players = players
 
     def forward(self, state: State) -> State:
+        return cast(State, self.flow(state, _call))
+
+    def flow(self, state: tuple[Any, ...], apply: Apply) -> tuple[Any, ...]:
         _check_arity(self, state, 1)
-        z = self.pre(state[0])
-        return self.main(z), self.carry(z)
+        z = apply(self.pre, state[0])
+        return apply(self.main, z), apply(self.carry, z)
 
     def dynamics(self) -> str:
         pre = f"{self.pre.summary()} -> " if len(self.pre) else ""
@@ -117,8 +132,11 @@ class ThroughStage(Stage):
         self.players = players
 
     def forward(self, state: State) -> State:
+        return cast(State, self.flow(state, _call))
+
+    def flow(self, state: tuple[Any, ...], apply: Apply) -> tuple[Any, ...]:
         _check_arity(self, state, 2)
-        return self.main(state[0]), state[1]
+        return apply(self.main, state[0]), state[1]
 
     def dynamics(self) -> str:
         return f"({self.main.summary()} | identity)"
@@ -145,8 +163,11 @@ class MergeStage(Stage):
         self.players = players
 
     def forward(self, state: State) -> State:
+        return cast(State, self.flow(state, _call))
+
+    def flow(self, state: tuple[Any, ...], apply: Apply) -> tuple[Any, ...]:
         _check_arity(self, state, 2)
-        return (self.post(self.main(state[0]) + self.shortcut(state[1])),)
+        return (apply(self.post, apply(self.main, state[0]) + apply(self.shortcut, state[1])),)
 
     def dynamics(self) -> str:
         return f"({self.main.summary()} + {self.shortcut.summary()}) -> {self.post.summary()}"
@@ -169,12 +190,15 @@ class SumStage(Stage):
         self.players = players
 
     def forward(self, state: State) -> State:
+        return cast(State, self.flow(state, _call))
+
+    def flow(self, state: tuple[Any, ...], apply: Apply) -> tuple[Any, ...]:
         _check_arity(self, state, 1)
-        z = self.pre(state[0])
-        out = self.branches[0](z)
+        z = apply(self.pre, state[0])
+        out = apply(cast(_Ops, self.branches[0]), z)
         for branch in self.branches[1:]:
-            out = out + branch(z)
-        return (self.post(out),)
+            out = out + apply(cast(_Ops, branch), z)
+        return (apply(self.post, out),)
 
     def dynamics(self) -> str:
         pre = f"{self.pre.summary()} -> " if len(self.pre) else ""

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from dgn_dist.dgnopt.autodiff import jvp_params, vjp
+from dgn_dist.dgnopt.autodiff import vjp
 from dgn_dist.dgnopt.blocks import StageBatch
 from dgn_dist.dgnopt.capture import PlayerTap, contract_factors, leaves
 from dgn_dist.dgnopt.gains import NonFiniteUpdate, StageSolver
@@ -41,6 +41,7 @@ from dgn_dist.dgnopt.sweep import (
     _refactor,
     rescale_gains,
 )
+from dgn_dist.dgnopt.tangents import Linearization
 from dgn_dist.dgnopt.update_pass import apply_steps, feedback_term
 from dgn_dist.game.core import Stage, State
 
@@ -116,7 +117,7 @@ def stream_stage(stage: Stage, solver: StageSolver, x_t: State, vx_next: State,
         if params:
             directions = [d for v, kn in zip(views, k_prev, strict=True)
                           for d in v.from_native(kn)]
-            jk = jvp_params(stage, params, x_t, directions)
+            jk = Linearization(stage, x_t).jvp(None, params, directions)
         else:
             jk = tuple(torch.zeros_like(o) for o in out)
         corr = contract_factors(u_next, jk)  # Q_xθ k_prev before the pull-back
