@@ -118,6 +118,8 @@ def _linear(call: _Call, t: Tensor | None, dirs: Directions) -> Tensor | None:
 
 
 def _batch_norm(call: _Call, t: Tensor | None, dirs: Directions) -> Tensor | None:
+    """Per channel, every term is affine in ``ẋ`` and ``x − μ``: ``ẏ = α ẋ + β (x − μ) + β₀``
+    (two fused passes over the activation, plus the two batch means of ``ẋ``)."""
     m: Any = call.module
     dg, db = _dir(dirs, m.weight), _dir(dirs, m.bias)
     if t is None and dg is None and db is None:
@@ -132,18 +134,24 @@ def _batch_norm(call: _Call, t: Tensor | None, dirs: Directions) -> Tensor | Non
             mean, var = m.running_mean.reshape(shape), m.running_var.reshape(shape)
         call.cache["mean"], call.cache["inv"] = mean, torch.rsqrt(var + m.eps)
     inv = call.cache["inv"]
-    xhat = (x - call.cache["mean"]) * inv  # recomputed: cheaper than keeping an activation
-    out = None
-    if t is not None:
-        if batch_stats:  # the batch mean and variance move with ẋ
-            t = t - t.mean(dims, keepdim=True) - xhat * (t * xhat).mean(dims, keepdim=True)
-        out = t * inv
-        if m.weight is not None:
-            out = out * m.weight.detach().reshape(shape)
-    if dg is not None:
-        out = _add(out, xhat * dg.reshape(shape))
-    if db is not None:
-        out = _add(out, db.reshape(shape).expand(x.shape))
+    centred = x - call.cache["mean"]  # x̂ = (x − μ) / σ
+    alpha = inv if m.weight is None else inv * m.weight.detach().reshape(shape)
+    beta: Tensor | None = None if dg is None else inv * dg.reshape(shape)  # γ̇ x̂
+    beta0: Tensor | None = None if db is None else db.reshape(shape)  # β̇
+    if t is not None and batch_stats:
+        # the batch statistics move with ẋ: ẋ̂ = (ẋ − mean ẋ − x̂ mean(ẋ x̂)) / σ
+        mean_t = t.mean(dims, keepdim=True)
+        cov = (t * centred).mean(dims, keepdim=True) * inv  # mean(ẋ x̂)
+        beta = _add(beta, -alpha * inv * cov)
+        beta0 = _add(beta0, -alpha * mean_t)
+    out = None if t is None else (t * alpha if beta0 is None else torch.addcmul(beta0, t, alpha))
+    if beta is not None:
+        out = centred * beta if out is None else out.addcmul_(centred, beta)
+    if out is None:
+        assert beta0 is not None
+        out = beta0.expand(x.shape)
+    elif t is None and beta0 is not None:
+        out = out + beta0
     return out
 
 
