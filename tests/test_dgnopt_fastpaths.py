@@ -9,7 +9,7 @@ from dgnopt_helpers import conv_projection, dense_inverse, factors_dense, flat, 
 from oracle import _StageFn
 from torch.autograd.functional import jacobian
 
-from dgn_dist.dgnopt import blocks
+from dgn_dist.dgnopt import blocks, proj_cache
 from dgn_dist.dgnopt.capture import frozen_batchnorm
 from dgn_dist.dgnopt.gains import StageSolver
 from dgn_dist.dgnopt.sweep import SweepOptions, sweep_stage
@@ -72,9 +72,19 @@ def _cols(u, b: int, r: int) -> torch.Tensor:
 def test_ekfac_vxx_refactor_matches_dense(info: str, cache: bool,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """``V_xx^t = Σ_b W_bᵀ (I − Γ_b) W_b`` with ``Γ = Ψᵀ Q_θθ⁻¹ Ψ`` (EKFAC curvature, scaled
-    blocks), whether the projections are kept from the scaling update or recomputed."""
+    blocks), whether the projections are kept from the scaling update or recomputed. At
+    rank 2 the block's 3x3 conv keeps its projected rows (smaller than ``P``) and the 1x1
+    shortcut its projections ``P``."""
     if not cache:
-        monkeypatch.setattr(blocks, "PROJ_CACHE", 0)
+        monkeypatch.setattr(proj_cache, "PROJ_CACHE", 0)
+    kinds: list[str | None] = []
+    original = blocks.KronBlock.gram_chunk
+
+    def spy(self, chunk, coef):  # type: ignore[no-untyped-def]
+        kinds.append(self.kept.kind)
+        return original(self, chunk, coef)
+
+    monkeypatch.setattr(blocks.KronBlock, "gram_chunk", spy)
     stage, solver, x_t, vx_next, u_next = _setup(info)
     b, r = u_next[0].shape[:2]
     opts = SweepOptions(feedback=True, use_factors=True, weight_decay=0.01, damping=0.5,
@@ -82,8 +92,9 @@ def test_ekfac_vxx_refactor_matches_dense(info: str, cache: bool,
     with frozen_batchnorm(stage):
         sweep_stage(stage, solver, x_t, vx_next, u_next, opts, True)  # S from two batches
         sol, _, u_t = sweep_stage(stage, solver, x_t, vx_next, u_next, opts, True)
-    kept = [blk._proj for blk in solver._kron_blocks()]
-    assert all(p is None for p in kept)  # released after the Gram matrix
+    assert all(blk.kept.kind is None for blk in solver._kron_blocks())  # released
+    if info == "fne":
+        assert set(kinds) == ({"rows", "proj"} if cache else {None}), kinds
     assert float(sol.stats["clipped_frac"]) == 0.0 and u_t is not None
     fn = _StageFn(stage, x_t)
     f_x, f_th = jacobian(fn, (flat(x_t), fn.theta()))
@@ -103,7 +114,7 @@ def test_projections_are_kept_only_when_a_gram_follows() -> None:
     original = blocks.KronBlock.gram_chunk
 
     def spy(self, chunk, coef):  # type: ignore[no-untyped-def]
-        seen.append(self._proj is not None)
+        seen.append(self.kept.kind is not None)
         return original(self, chunk, coef)
 
     blocks.KronBlock.gram_chunk = spy  # type: ignore[method-assign]
@@ -118,7 +129,7 @@ def test_projections_are_kept_only_when_a_gram_follows() -> None:
     finally:
         blocks.KronBlock.gram_chunk = original  # type: ignore[method-assign]
     assert not seen
-    assert all(blk._proj is None for blk in solver._kron_blocks())
+    assert all(blk.kept.kind is None for blk in solver._kron_blocks())
 
 
 @pytest.mark.parametrize("batch_norm", [False, True])

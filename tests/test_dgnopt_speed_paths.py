@@ -167,7 +167,7 @@ def test_rank1_gram_from_kept_squares_matches_dense(info: str) -> None:
     original = blocks.KronBlock.gram_chunk
 
     def spy(self, chunk, coef):  # type: ignore[no-untyped-def]
-        seen.append(self._proj_sq is not None)
+        seen.append(self.kept.kind == "squares")
         return original(self, chunk, coef)
 
     with pytest.MonkeyPatch.context() as mp:
@@ -177,7 +177,7 @@ def test_rank1_gram_from_kept_squares_matches_dense(info: str) -> None:
             _, _, u_t = sweep_stage(stage, solver, x_t, vx_next, u_next, opts, True)
     if info == "fne":
         assert seen and all(seen)
-    assert all(blk._proj_sq is None for blk in solver._kron_blocks())  # released
+    assert all(blk.kept.kind is None for blk in solver._kron_blocks())  # released
     fn = _StageFn(stage, x_t)
     f_x, f_th = jacobian(fn, (flat(x_t), fn.theta()))
     cols = _cols(u_next, b, r)

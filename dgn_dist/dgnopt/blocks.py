@@ -35,16 +35,20 @@ from torch import Tensor
 
 from dgn_dist.dgnopt.factor_stats import input_stat, joint_rows, kron_stats, output_stat
 from dgn_dist.dgnopt.players import PlayerView
+from dgn_dist.dgnopt.proj_cache import Kept, Kind, ProjectionCache
 from dgn_dist.dgnopt.reduction import Stat
 from dgn_dist.dgnopt.stage_batch import PsiChunk, StageBatch
-from dgn_dist.optim.kronecker import KroneckerFactor, Mode, projected_per_example
+from dgn_dist.optim.kronecker import (
+    ExampleRows,
+    KroneckerFactor,
+    Mode,
+    assemble,
+    project_rows,
+)
 
 Native = dict[int, Tensor]
 #: Per-sample gradients ``ψ`` by player: a ``Native`` dict or a lazy :class:`PsiChunk`.
 PsiRows = Mapping[int, Tensor]
-#: Largest number of projected per-sample gradient elements a Kronecker block keeps between
-#: the EKFAC scaling update and the Gram matrix of the same step (else it recomputes them).
-PROJ_CACHE = 1 << 27
 
 
 def _ema(old: Tensor | None, new: Tensor, decay: float) -> Tensor:
@@ -56,11 +60,12 @@ def _batch_dot(x: Tensor, y: Tensor, lead: int) -> Tensor:
     return (x * y).reshape(*x.shape[:lead], -1).sum(-1)
 
 
-def _cached(kept: list[tuple[int, Tensor]], chunk: PsiChunk) -> Tensor:
-    """The rows of samples ``[chunk.start, chunk.stop)`` of kept ``(first sample, rows)``."""
-    parts = [p[max(chunk.start - s, 0):chunk.stop - s] for s, p in kept
-             if s < chunk.stop and s + p.shape[0] > chunk.start]
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+def _sum_assembled(rows: list[ExampleRows]) -> Tensor:
+    """The joint projection: the sum of the members' assembled shares."""
+    proj = assemble(rows[0])
+    for more in rows[1:]:
+        proj = proj + assemble(more)
+    return proj
 
 
 class Block:
@@ -240,12 +245,9 @@ class KronBlock(FactorBlock):
         self.widths: list[int] = [int(v.theta().shape[1]) for v in self.views]
         self._acc: Tensor | None = None
         #: Keep this step's projected per-sample gradients for :meth:`gram_chunk` (set by
-        #: the solver when a Gram matrix follows; up to ``PROJ_CACHE`` elements).
+        #: the solver when a Gram matrix follows; :mod:`.proj_cache`).
         self.keep_projections = False
-        self._proj: list[tuple[int, Tensor]] | None = None  # (first sample, chunk)
-        #: Rank 1: the squared projections instead (all a rank-1 Gram matrix needs).
-        self._proj_sq: list[tuple[int, Tensor]] | None = None
-        self._building: list[tuple[int, Tensor]] | None = None
+        self.kept = ProjectionCache()
 
     def rows(self, batch: StageBatch) -> tuple[Tensor, Tensor]:
         """Joint input rows and mean output rows of this step."""
@@ -299,52 +301,43 @@ class KronBlock(FactorBlock):
     def split(self, joint: Tensor) -> Native:
         return dict(zip(self.members, torch.split(joint, self.widths, dim=-1), strict=False))
 
-    def projected(self, chunk: PsiChunk) -> Tensor:
-        """``Q_Gᵀ ψ_{b,i} Q_A`` of the chunk's samples, ``[num, r, d_out, d_in]``, from the
-        rows (:func:`~dgn_dist.optim.kronecker.projected_per_example`; the joint ``ψ`` is
+    def member_rows(self, chunk: PsiChunk) -> list[ExampleRows]:
+        """Each member's rows of the chunk's samples on their way into the eigenbasis
+        (:func:`~dgn_dist.optim.kronecker.project_rows`; the joint ``ψ`` is
         ``[ψ_1 | ψ_2 | ...]``, so each member contributes through its rows of ``Q_A``)."""
-        if self._proj is not None:
-            return _cached(self._proj, chunk)
         f, batch = self.factor, chunk.batch
         assert f.q_a is not None and f.q_g is not None
         num, r = chunk.stop - chunk.start, batch.rank
-        proj: Tensor | None = None
-        offset = 0
+        out, offset = [], 0
         for n, width in zip(self.members, self.widths, strict=True):
             a, g = batch.a[n], batch.g[n]
             if a is None or g is None:
                 raise RuntimeError(f"player {self.views[0].name}: per-sample gradients need "
                                    "the factor pass")
             locs = a.shape[0] // batch.num
-            part = projected_per_example(
-                a[chunk.start * locs:chunk.stop * locs],
-                g[chunk.start * r * locs:chunk.stop * r * locs], num,
-                f.q_a[offset:offset + width], f.q_g)
-            proj = part if proj is None else proj + part
+            out.append(project_rows(a[chunk.start * locs:chunk.stop * locs],
+                                    g[chunk.start * r * locs:chunk.stop * r * locs], num,
+                                    f.q_a[offset:offset + width], f.q_g))
             offset += width
-        assert proj is not None
-        return proj
+        return out
 
-    def _keep(self, chunk: PsiChunk, proj: Tensor, squared: bool = False) -> None:
-        """Store a chunk's projections (``squared``: their squares, rank 1) when the whole
-        batch fits in ``PROJ_CACHE``."""
-        batch = chunk.batch
-        if not self.keep_projections or batch.num * proj[0].numel() > PROJ_CACHE:
-            return
-        if chunk.start == 0:
-            self._building = []
-        if self._building is None:
-            return
-        self._building.append((chunk.start, proj))
-        if chunk.stop == batch.num:
-            if squared:
-                self._proj_sq, self._building = self._building, None
-            else:
-                self._proj, self._building = self._building, None
+    def projected(self, chunk: PsiChunk) -> Tensor:
+        """``Q_Gᵀ ψ_{b,i} Q_A`` of the chunk's samples, ``[num, r, d_out, d_in]`` (from what
+        :attr:`kept` holds, else from the rows)."""
+        got = self.kept.get(chunk.start, chunk.stop)
+        if got is not None and got[0] == "proj":
+            assert isinstance(got[1], Tensor)
+            return got[1]
+        rows = got[1] if got is not None and got[0] == "rows" else self.member_rows(chunk)
+        assert isinstance(rows, list)
+        return _sum_assembled(rows)
+
+    def _keep(self, chunk: PsiChunk, kind: Kind, item: Kept, per_example: int) -> None:
+        self.kept.keep(chunk.start, chunk.stop, chunk.batch.num, kind, item, per_example)
 
     def release(self) -> None:
         """Drop the kept projections (end of the stage's sweep)."""
-        self._proj, self._proj_sq, self._building = None, None, None
+        self.kept.release()
 
     def psi_stats(self, psis: PsiRows) -> None:
         if self.zero_cross and len(self.widths) > 1:
@@ -352,14 +345,22 @@ class KronBlock(FactorBlock):
         f = self.factor
         assert f.q_a is not None and f.q_g is not None
         if isinstance(psis, PsiChunk):
-            proj = self.projected(psis)
+            rows = self.member_rows(psis)
+            proj = _sum_assembled(rows)
+            num, keep = psis.stop - psis.start, self.keep_projections
+            rows_size = sum(x.numel() for x in rows)
+            if keep and rows_size < proj.numel() and all(x.q_a is None for x in rows):
+                self._keep(psis, "rows", rows, rows_size // num)  # smaller than P
+                keep = False
+            del rows
             if psis.batch.rank == 1:  # the rank-1 Gram matrix reads only the squares
-                # fresh projections (nothing kept yet this step): square them in place
-                squares = proj.square_() if self._proj is None else proj.square()
-                self._keep(psis, squares, squared=True)
+                squares = proj.square_()
+                if keep:
+                    self._keep(psis, "squares", squares, squares[0].numel())
             else:
                 squares = proj.square()
-                self._keep(psis, proj)
+                if keep:
+                    self._keep(psis, "proj", proj, proj[0].numel())
             del proj
             sq = squares.sum((0, 1))
         else:
@@ -371,8 +372,10 @@ class KronBlock(FactorBlock):
         in the eigenbasis ``Σ P_{b,i} P_{b,j} / (S + λ)`` with ``P`` the projections (the
         orthogonal back-projection of :meth:`solve_joint` cancels in the inner product)."""
         weight = (coef / (self.factor.eigen_scale() + self.damping)).reshape(-1)
-        if self._proj_sq is not None:  # rank 1: Σ_d P_d² w_d, one pass over the squares
-            squares = _cached(self._proj_sq, chunk).flatten(1)  # [num, d_out * d_in]
+        got = self.kept.get(chunk.start, chunk.stop)
+        if got is not None and got[0] == "squares":  # rank 1: Σ_d P_d² w_d
+            assert isinstance(got[1], Tensor)
+            squares = got[1].flatten(1)  # [num, d_out * d_in]
             return (squares @ weight.to(squares.dtype)).reshape(-1, 1, 1)
         proj = self.projected(chunk).flatten(2)  # [num, r, d_out * d_in]
         return (proj * weight.to(proj.dtype)) @ proj.transpose(1, 2)

@@ -47,6 +47,7 @@ eigendecomposed in float32 at least (float64 inputs stay float64), whatever the 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -184,6 +185,50 @@ def batch_stats(a_rows: Tensor, g_rows: Tensor, num_examples: int) -> tuple[Tens
     return a.T @ a / a.shape[0], g.T @ g / num_examples
 
 
+@dataclass
+class ExampleRows:
+    """Per-example rows on their way into the eigenbasis (:func:`project_rows`): ``a``
+    ``[n, 1, locs, ·]`` and ``g`` ``[n, r, locs, ·]``, each already multiplied by its basis or
+    with that basis still to apply after the product (``q_a`` / ``q_g`` not ``None``)."""
+
+    a: Tensor
+    g: Tensor
+    q_a: Tensor | None
+    q_g: Tensor | None
+
+    def numel(self) -> int:
+        return self.a.numel() + self.g.numel()
+
+    def take(self, start: int, stop: int) -> ExampleRows:
+        """The examples ``[start, stop)``."""
+        return ExampleRows(self.a[start:stop], self.g[start:stop], self.q_a, self.q_g)
+
+
+def project_rows(a_rows: Tensor, g_rows: Tensor, num_examples: int, q_a: Tensor,
+                 q_g: Tensor) -> ExampleRows:
+    """The first half of :func:`projected_per_example`: the sides whose rows are cheaper to
+    project than the per-example gradients are projected now."""
+    n = num_examples
+    locs = a_rows.shape[0] // n
+    r = g_rows.shape[0] // a_rows.shape[0]
+    a = a_rows.to(q_a.dtype).reshape(n, 1, locs, a_rows.shape[-1])
+    g = g_rows.to(q_g.dtype).reshape(n, r, locs, g_rows.shape[-1])
+    a_rows_first = locs <= r * g.shape[-1]
+    g_rows_first = locs <= q_a.shape[1]
+    return ExampleRows(a @ q_a if a_rows_first else a, g @ q_g if g_rows_first else g,
+                       None if a_rows_first else q_a, None if g_rows_first else q_g)
+
+
+def assemble(rows: ExampleRows) -> Tensor:
+    """The second half of :func:`projected_per_example`: ``[n, r, d_out, d_in]``."""
+    proj = rows.g.transpose(-1, -2) @ rows.a
+    if rows.q_g is not None:
+        proj = rows.q_g.T @ proj
+    if rows.q_a is not None:
+        proj = proj @ rows.q_a
+    return proj
+
+
 def projected_per_example(a_rows: Tensor, g_rows: Tensor, num_examples: int, q_a: Tensor,
                           q_g: Tensor) -> Tensor:
     """Per-example gradients in the eigenbasis, ``Q_Gᵀ M_{b,i} Q_A``: ``[n, r, d_out, d_in]``.
@@ -198,23 +243,7 @@ def projected_per_example(a_rows: Tensor, g_rows: Tensor, num_examples: int, q_a
     output side ``r L d_out²`` against ``r d_out² d_in``. Convolutions with many locations and
     few channels (early ResNet layers) project afterwards, deep ones project the rows.
     """
-    n = num_examples
-    locs = a_rows.shape[0] // n
-    r = g_rows.shape[0] // a_rows.shape[0]
-    a = a_rows.to(q_a.dtype).reshape(n, 1, locs, a_rows.shape[-1])
-    g = g_rows.to(q_g.dtype).reshape(n, r, locs, g_rows.shape[-1])
-    a_rows_first = locs <= r * g.shape[-1]
-    g_rows_first = locs <= q_a.shape[1]
-    if a_rows_first:
-        a = a @ q_a
-    if g_rows_first:
-        g = g @ q_g
-    proj = g.transpose(-1, -2) @ a  # [n, r, d_out, d_in or d_in_rows]
-    if not g_rows_first:
-        proj = q_g.T @ proj
-    if not a_rows_first:
-        proj = proj @ q_a
-    return proj
+    return assemble(project_rows(a_rows, g_rows, num_examples, q_a, q_g))
 
 
 def projected_sq_grads(a_rows: Tensor, g_rows: Tensor, num_examples: int, q_a: Tensor,
