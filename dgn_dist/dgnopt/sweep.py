@@ -39,7 +39,7 @@ from dgn_dist.dgnopt.gains import StageSolver
 from dgn_dist.dgnopt.players import PlayerView
 from dgn_dist.dgnopt.reduction import LOCAL, Reducer
 from dgn_dist.dgnopt.streamed import StreamedStats
-from dgn_dist.dgnopt.tangents import Linearization
+from dgn_dist.dgnopt.tangents import Linearization, recorded_forward
 from dgn_dist.game.core import Stage, State
 
 
@@ -126,7 +126,7 @@ def sweep_stage(stage: Stage, solver: StageSolver, x_t: State, vx_next: State,
     # Rank 1: the factor pass pulls U back through this same forward (no repeated samples).
     share = factors and u_next is not None and u_next[0].shape[1] == 1
     with PlayerTap([v.player for v in views], clone_outputs=share) as tap:
-        out = stage(xs)
+        out, lin = recorded_forward(stage, xs)  # lin: the JVPs below reuse this forward
     roots = list(params) + (list(xs) if need_value and plain else [])
     grads = vjp(out, vx_next, roots, retain_graph=share or (need_value and not plain))
     q_theta, offset = [], 0
@@ -162,7 +162,6 @@ def sweep_stage(stage: Stage, solver: StageSolver, x_t: State, vx_next: State,
     solver.reset_scales()
     k = solver.solve(solver.open_rhs(q_theta))
     jk_scaled: State | None = None
-    lin = Linearization(stage, x_t)  # the JVPs below share one recorded forward
     if opts.rescale and u_next is not None and views:
         k, jk_scaled = rescale_gains(stage, solver, x_t, q_theta, k, u_next, opts.reducer,
                                      batch=batch, need_jk=need_value and opts.feedback,

@@ -35,7 +35,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from dgn_dist.dgnopt.autodiff import jvp_params, jvp_state
 from dgn_dist.game.core import Stage, State
 
-__all__ = ["Linearization", "forward_with_tangent"]
+__all__ = ["Linearization", "forward_with_tangent", "recorded_forward"]
 
 #: ``id(parameter) -> direction`` (parameter-shaped).
 Directions = Mapping[int, Tensor]
@@ -297,9 +297,23 @@ def _record(ops: Any, value: Dual, calls: list[_Call]) -> Dual:
     assert x is not None
     for m in ops.mods:
         y = m(x.clone() if _in_place(m) else x)  # keep the recorded input intact
-        calls.append(_Call(m, x, y))
+        calls.append(_Call(m, x.detach(), y.detach()))
         x = y
     return Dual(x, None)
+
+
+def recorded_forward(stage: Stage, state: State) -> tuple[State, Linearization]:
+    """``F(X, θ)`` as ``stage(state)`` computes it (with its autograd graph when grad mode is
+    on), and a :class:`Linearization` at ``X`` that reuses this forward's values."""
+    lin = Linearization(stage, state)
+    if not _has_flow(stage):
+        return stage(state), lin
+    calls: list[_Call] = []
+    out = stage.flow(tuple(Dual(s, None) for s in state),
+                     lambda ops, value: _record(ops, value, calls))
+    primal = tuple(o.primal for o in out)
+    lin.calls, lin._out = calls, tuple(p.detach() for p in primal)
+    return primal, lin
 
 
 def _replay(ops: Any, value: Dual, calls: Iterator[_Call], dirs: Directions) -> Dual:

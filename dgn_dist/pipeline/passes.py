@@ -41,7 +41,7 @@ from dgn_dist.dgnopt.sweep import (
     _refactor,
     rescale_gains,
 )
-from dgn_dist.dgnopt.tangents import Linearization
+from dgn_dist.dgnopt.tangents import recorded_forward
 from dgn_dist.dgnopt.update_pass import apply_steps, feedback_term
 from dgn_dist.game.core import Stage, State
 
@@ -86,7 +86,7 @@ def stream_stage(stage: Stage, solver: StageSolver, x_t: State, vx_next: State,
     # Rank 1: the factor pass pulls U back through this same forward (as in sweep_stage).
     share = factors and u_next is not None and u_next[0].shape[1] == 1
     with PlayerTap([v.player for v in views], clone_outputs=share) as tap:
-        out = stage(xs)
+        out, lin = recorded_forward(stage, xs)  # lin: the k_prev JVP reuses this forward
     roots = list(params) + (list(xs) if need_value and plain else [])
     grads = vjp(out, vx_next, roots, retain_graph=share or (need_value and not plain))
     q_theta, offset = [], 0
@@ -117,7 +117,7 @@ def stream_stage(stage: Stage, solver: StageSolver, x_t: State, vx_next: State,
         if params:
             directions = [d for v, kn in zip(views, k_prev, strict=True)
                           for d in v.from_native(kn)]
-            jk = Linearization(stage, x_t).jvp(None, params, directions)
+            jk = lin.jvp(None, params, directions)
         else:
             jk = tuple(torch.zeros_like(o) for o in out)
         corr = contract_factors(u_next, jk)  # Q_xθ k_prev before the pull-back
