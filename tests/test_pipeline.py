@@ -208,8 +208,8 @@ def _fail_mid_sweep(rank: int, world: int) -> None:
         if torch.is_grad_enabled():  # the sweep re-runs stages with grad; the forward not
             raise _Boom("injected failure in the backward sweep")
 
-    if rank == 1:
-        runner.shard.stages[0].register_forward_hook(hook)
+    if rank == 1:  # a module of the stage (the sweep runs the stage's flow, not its __call__)
+        runner.shard.stages[0].players[0].module.register_forward_hook(hook)
     runner.train_step(x, y)
 
 
