@@ -231,3 +231,44 @@ def test_jvp_along_a_subset_of_parameters_equals_zero_directions_elsewhere() -> 
     assert summed is not None
     for x, y in zip(summed, total, strict=True):
         torch.testing.assert_close(x, y)
+
+
+def test_dropping_kept_rows_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a stage whose BatchNorm couples the samples, the Kronecker players' rows are freed
+    once their projections are kept (memory); the sweep's results are the same as with the
+    rows kept to the end."""
+    from torch import nn
+
+    from dgn_dist.dgnopt.gains import StageSolver as Solver
+    from dgn_dist.models.blocks import ResidualBlock
+
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Tanh(),
+                          ResidualBlock(2, 3, nn.Tanh, stride=2, batch_norm=True),
+                          nn.Flatten(), nn.Linear(12, 3)).double()
+    game = game_of(model, "first")
+    b, r = 4, 1
+    with torch.no_grad():
+        states = game.trajectory(torch.randn(b, 1, 4, 4, dtype=DT))
+    t = 1
+    stage = game.stages[t]
+    u_next = tuple(0.05 * torch.randn(b, r, *s.shape[1:], dtype=DT) for s in states[t + 1])
+    vx_next = tuple(torch.randn_like(s) for s in states[t + 1])
+    opts = SweepOptions(feedback=True, use_factors=True, weight_decay=0.01, damping=0.5,
+                        decay=0.5, update_factors=True, refresh=True, rescale=True)
+    original = Solver.drop_kept_rows
+    dropped: list[int] = []
+
+    def spy(self, batch):  # type: ignore[no-untyped-def]
+        original(self, batch)
+        dropped.append(sum(a is None for a in batch.a))
+
+    results = []
+    for drop in (True, False):
+        monkeypatch.setattr(Solver, "drop_kept_rows", spy if drop else lambda self, batch: None)
+        solver = StageSolver(stage, "fne", "ekfac")
+        with frozen_batchnorm(stage):
+            results.append(sweep_stage(stage, solver, states[t], vx_next, u_next, opts, True))
+    assert dropped and dropped[0] >= 1  # the 3x3 conv's rows were freed
+    (sol_a, vx_a, u_a), (sol_b, vx_b, u_b) = results
+    for x, y in zip([*sol_a.k, *vx_a, *u_a], [*sol_b.k, *vx_b, *u_b], strict=True):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)

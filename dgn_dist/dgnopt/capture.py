@@ -72,6 +72,12 @@ class PlayerTap:
             h.remove()
         self._handles = []
 
+    def clear(self) -> None:
+        """Drop the recorded tensors (memory: with ``clone_outputs`` the outputs are copies
+        the stage no longer holds)."""
+        self.inputs = [None] * len(self.players)
+        self.outputs = [None] * len(self.players)
+
     def input(self, index: int) -> Tensor:
         value = self.inputs[index]
         if value is None:

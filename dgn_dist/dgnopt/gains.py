@@ -252,6 +252,14 @@ class StageSolver:
                 out.extend((blk.u, blk.v))
         return out
 
+    def drop_kept_rows(self, batch: StageBatch) -> None:
+        """Free the rows of single-player Kronecker blocks that kept this step's projections:
+        their :meth:`gram` terms read those (memory: the input rows of an early convolution
+        are ``9×`` its input activation)."""
+        for blk in self.blocks:
+            if isinstance(blk, KronBlock) and len(blk.members) == 1 and blk.kept.kind:
+                batch.a[blk.members[0]] = batch.g[blk.members[0]] = None
+
     def release(self) -> None:
         """Drop per-sample projections kept for :meth:`gram`."""
         for kron in self._kron_blocks():

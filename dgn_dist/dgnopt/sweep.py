@@ -146,6 +146,7 @@ def sweep_stage(stage: Stage, solver: StageSolver, x_t: State, vx_next: State,
         w = _factor_pass(stage, views, x_t, u_next, batch, tap, need_value,
                          shared=(out, xs) if share else None,
                          retain_graph=share and need_value and not plain)
+    tap.clear()
     pending_q.wait()
     if opts.weight_decay:
         q_theta[:] = [q + opts.weight_decay * v.theta() for q, v in zip(q_theta, views,
@@ -159,6 +160,8 @@ def sweep_stage(stage: Stage, solver: StageSolver, x_t: State, vx_next: State,
     solver.update(batch, decay=opts.decay, update_factors=opts.update_factors,
                   refresh=opts.refresh, damping=opts.damping, weight_decay=opts.weight_decay,
                   reducer=opts.reducer, keep_projections=keep, streamed=streamed)
+    if not opts.rescale or _couples_samples(stage):  # no rows path below: the Gram reads
+        solver.drop_kept_rows(batch)                 # the kept projections (memory)
     solver.reset_scales()
     k = solver.solve(solver.open_rhs(q_theta))
     jk_scaled: State | None = None
