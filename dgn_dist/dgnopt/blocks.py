@@ -42,7 +42,7 @@ from dgn_dist.optim.kronecker import (
     ExampleRows,
     KroneckerFactor,
     Mode,
-    assemble,
+    assemble_sum,
     project_rows,
 )
 
@@ -58,14 +58,6 @@ def _ema(old: Tensor | None, new: Tensor, decay: float) -> Tensor:
 def _batch_dot(x: Tensor, y: Tensor, lead: int) -> Tensor:
     """Inner products over all but the first ``lead`` dims."""
     return (x * y).reshape(*x.shape[:lead], -1).sum(-1)
-
-
-def _sum_assembled(rows: list[ExampleRows]) -> Tensor:
-    """The joint projection: the sum of the members' assembled shares."""
-    proj = assemble(rows[0])
-    for more in rows[1:]:
-        proj = proj + assemble(more)
-    return proj
 
 
 class Block:
@@ -330,7 +322,7 @@ class KronBlock(FactorBlock):
             return got[1]
         rows = got[1] if got is not None and got[0] == "rows" else self.member_rows(chunk)
         assert isinstance(rows, list)
-        return _sum_assembled(rows)
+        return assemble_sum(rows)
 
     def _keep(self, chunk: PsiChunk, kind: Kind, item: Kept, per_example: int) -> None:
         self.kept.keep(chunk.start, chunk.stop, chunk.batch.num, kind, item, per_example)
@@ -346,7 +338,7 @@ class KronBlock(FactorBlock):
         assert f.q_a is not None and f.q_g is not None
         if isinstance(psis, PsiChunk):
             rows = self.member_rows(psis)
-            proj = _sum_assembled(rows)
+            proj = assemble_sum(rows)
             num, keep = psis.stop - psis.start, self.keep_projections
             rows_size = sum(x.numel() for x in rows)
             if keep and rows_size < proj.numel() and all(x.q_a is None for x in rows):

@@ -229,6 +229,14 @@ def assemble(rows: ExampleRows) -> Tensor:
     return proj
 
 
+def assemble_sum(parts: list[ExampleRows]) -> Tensor:
+    """A joint-input block's projection: the sum of its members' assembled shares."""
+    proj = assemble(parts[0])
+    for more in parts[1:]:
+        proj = proj + assemble(more)
+    return proj
+
+
 def projected_per_example(a_rows: Tensor, g_rows: Tensor, num_examples: int, q_a: Tensor,
                           q_g: Tensor) -> Tensor:
     """Per-example gradients in the eigenbasis, ``Q_Gᵀ M_{b,i} Q_A``: ``[n, r, d_out, d_in]``.
