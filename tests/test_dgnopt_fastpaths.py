@@ -45,6 +45,22 @@ def test_projected_per_example_every_order(locs: int, r: int, d_out: int, d_in: 
     torch.testing.assert_close(part[0, 0], q_g.T @ (g4[0, 0].T @ a3[0]) @ q_big)
 
 
+def _block_game(batch_norm: bool, b: int = 4):
+    """A conv net with one downsampling residual block (``"first"`` alignment) and its
+    trajectory on ``b`` samples."""
+    from torch import nn
+
+    from dgn_dist.models.blocks import ResidualBlock
+
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Tanh(),
+                          ResidualBlock(2, 3, nn.Tanh, stride=2, batch_norm=batch_norm),
+                          nn.Flatten(), nn.Linear(12, 3)).double()
+    game = game_of(model, "first")
+    with torch.no_grad():
+        states = game.trajectory(torch.randn(b, 1, 4, 4, dtype=DT))
+    return game, states
+
+
 def _setup(info: str, b: int = 3, r: int = 2):
     model = conv_projection()
     game = game_of(model, "first")
@@ -139,18 +155,10 @@ def test_rescale_from_rows_equals_one_jvp_per_unit(info: str, batch_norm: bool,
     """The consistency rescaling computed from the factor pass's rows (``<ψ, k>``, one JVP
     in all) equals the one-JVP-per-unit form; stages whose BatchNorm couples the samples
     keep the JVP form (there ``<ψ_{b,i}, k>`` is not per-sample)."""
-    from torch import nn
-
     from dgn_dist.dgnopt import sweep, tangents
-    from dgn_dist.models.blocks import ResidualBlock
 
-    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Tanh(),
-                          ResidualBlock(2, 3, nn.Tanh, stride=2, batch_norm=batch_norm),
-                          nn.Flatten(), nn.Linear(12, 3)).double()
-    game = game_of(model, "first")
     b, r = 4, 2
-    with torch.no_grad():
-        states = game.trajectory(torch.randn(b, 1, 4, 4, dtype=DT))
+    game, states = _block_game(batch_norm, b)
     outs, jvps = {}, {}
     original, original_jvp = sweep.rescale_gains, tangents.Linearization.jvp
     for rows in (True, False):
@@ -200,17 +208,9 @@ def test_jvp_along_a_subset_of_parameters_equals_zero_directions_elsewhere() -> 
     """The rescale's per-unit JVP runs forward mode along the unit's parameters only; it
     equals the JVP along all of the stage's parameters with zero directions for the others,
     through BatchNorm with batch statistics (and the units' JVPs add up to the full one)."""
-    from torch import nn
-
     from dgn_dist.dgnopt.autodiff import jvp_params
-    from dgn_dist.models.blocks import ResidualBlock
 
-    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Tanh(),
-                          ResidualBlock(2, 3, nn.Tanh, stride=2, batch_norm=True),
-                          nn.Flatten(), nn.Linear(12, 3)).double()
-    game = game_of(model, "first")
-    with torch.no_grad():
-        states = game.trajectory(torch.randn(4, 1, 4, 4, dtype=DT))
+    game, states = _block_game(True)
     stage = game.stages[1]
     players = [list(pl.parameters()) for pl in stage.players if list(pl.parameters())]
     assert len(players) >= 4  # convolutions and BatchNorms of the block
@@ -237,25 +237,15 @@ def test_dropping_kept_rows_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> 
     """On a stage whose BatchNorm couples the samples, the Kronecker players' rows are freed
     once their projections are kept (memory); the sweep's results are the same as with the
     rows kept to the end."""
-    from torch import nn
-
-    from dgn_dist.dgnopt.gains import StageSolver as Solver
-    from dgn_dist.models.blocks import ResidualBlock
-
-    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Tanh(),
-                          ResidualBlock(2, 3, nn.Tanh, stride=2, batch_norm=True),
-                          nn.Flatten(), nn.Linear(12, 3)).double()
-    game = game_of(model, "first")
     b, r = 4, 1
-    with torch.no_grad():
-        states = game.trajectory(torch.randn(b, 1, 4, 4, dtype=DT))
+    game, states = _block_game(True, b)
     t = 1
     stage = game.stages[t]
     u_next = tuple(0.05 * torch.randn(b, r, *s.shape[1:], dtype=DT) for s in states[t + 1])
     vx_next = tuple(torch.randn_like(s) for s in states[t + 1])
     opts = SweepOptions(feedback=True, use_factors=True, weight_decay=0.01, damping=0.5,
                         decay=0.5, update_factors=True, refresh=True, rescale=True)
-    original = Solver.drop_kept_rows
+    original = StageSolver.drop_kept_rows
     dropped: list[int] = []
 
     def spy(self, batch):  # type: ignore[no-untyped-def]
@@ -264,7 +254,8 @@ def test_dropping_kept_rows_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> 
 
     results = []
     for drop in (True, False):
-        monkeypatch.setattr(Solver, "drop_kept_rows", spy if drop else lambda self, batch: None)
+        monkeypatch.setattr(StageSolver, "drop_kept_rows",
+                            spy if drop else lambda self, batch: None)
         solver = StageSolver(stage, "fne", "ekfac")
         with frozen_batchnorm(stage):
             results.append(sweep_stage(stage, solver, states[t], vx_next, u_next, opts, True))

@@ -158,6 +158,8 @@ def test_stage_without_flow_falls_back_to_torch_func() -> None:
     stage = _Opaque()
     x = (torch.randn(4, 3, dtype=torch.float64),)
     dx = (torch.randn(4, 3, dtype=torch.float64),)
+    with pytest.raises(NotImplementedError, match="_Opaque does not expose its data flow"):
+        stage.flow(x, lambda ops, value: value)
     lin = Linearization(stage, x)
     lin.record()
     assert lin.calls is None
