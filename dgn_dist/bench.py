@@ -44,7 +44,10 @@ from typing import Any
 from dgn_dist.config.schema import ModelConfig, OptimConfig
 
 MODEL_CHOICES = typing.get_args(typing.get_type_hints(ModelConfig)["name"])
-OPTIM_CHOICES = typing.get_args(typing.get_type_hints(OptimConfig)["name"])
+#: Benchmark names: the trainer's ``optim.name`` choices, plus ``dgnopt-gr`` (DGNOpt with
+#: ``game.info = "gr"``; plain ``dgnopt`` is the default ``fne``).
+VARIANTS: dict[str, tuple[str, str]] = {"dgnopt-gr": ("dgnopt", "gr")}
+OPTIM_CHOICES = typing.get_args(typing.get_type_hints(OptimConfig)["name"]) + tuple(VARIANTS)
 INPUT_SHAPES: dict[str, tuple[int, int, int]] = {
     "digits_resnet": (1, 8, 8), "mnist_resnet": (1, 28, 28), "mlp": (1, 8, 8)}
 DEFAULT_SHAPE = (3, 32, 32)
@@ -52,7 +55,8 @@ NUM_CLASSES = 10
 
 #: ``dgn-bench NAME ...``: the distributed benchmarks.
 SUBCOMMANDS = {"dp": "dgn_dist.distributed.bench", "pipeline": "dgn_dist.pipeline.bench",
-               "pipeline-convergence": "dgn_dist.pipeline.convergence"}
+               "pipeline-convergence": "dgn_dist.pipeline.convergence",
+               "parity": "dgn_dist.parity"}
 
 
 @dataclass
@@ -140,7 +144,8 @@ def measure(model_name: str, optim_name: str, batch_size: int, steps: int, warmu
     shape = INPUT_SHAPES.get(model_name, DEFAULT_SHAPE)
     cfg = Config()
     cfg.model.name = model_name  # type: ignore[assignment]
-    cfg.optim.name = optim_name  # type: ignore[assignment]
+    cfg.optim.name, info = VARIANTS.get(optim_name, (optim_name, cfg.game.info))  # type: ignore[assignment]
+    cfg.game.info = info  # type: ignore[assignment]
     cfg.optim.lr = 0.01
     cfg.logging.curvature_every = stats_every
     model = build_model(cfg.model, shape, NUM_CLASSES).to(device)
@@ -238,8 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="comma-separated model names (default: %(default)s)")
     parser.add_argument("--optimizers", default="sgd,adam,ekfac,dgnopt",
                         type=lambda s: _names(s, OPTIM_CHOICES, "--optimizers"),
-                        help="comma-separated optimizers; sgd is added for the ratios "
-                             "(default: %(default)s)")
+                        help="comma-separated optimizers (dgnopt = FNE, dgnopt-gr = GR); sgd is "
+                             "added for the ratios (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=128, help="default: %(default)s")
     parser.add_argument("--steps", type=int, default=20, help="timed steps (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps (default: "

@@ -1,19 +1,24 @@
 #!/usr/bin/env bash
-# One prepared GPU check (about 5 minutes on one H100): the CUDA paths of the optimizers,
-# a bf16 DGNOpt training run, and NCCL initialisation under torchrun, with the timings.
+# One prepared GPU check (about 6 minutes on one H100): float64 parity of the optimizers on the
+# device against the CPU, step time and memory of SGD / EKFAC / DGNOpt-FNE / DGNOpt-GR, the
+# most expensive CUDA kernels of a DGNOpt ResNet-18 step, a bf16 DGNOpt training run, and NCCL
+# initialisation under torchrun.
 #
 #   OUT=/some/dir bash launch/gpu_check.sh
 #   OUT=/tmp/x DEVICE=cpu MODELS=digits_resnet STEPS=20 bash launch/gpu_check.sh  # plumbing only
 #
 # Uses the machine's own python3 with PyTorch (no install: the package is imported from the
-# checkout through PYTHONPATH). Writes at most 6 files into $OUT:
+# checkout through PYTHONPATH). Each section has its own time limit and a failing section
+# does not stop the next; the exit status is that of the first failure. Writes into $OUT:
 #   env.txt          GPU, driver, torch version
-#   bench_gpu.txt    dgn-bench on cuda: ms/step and peak MiB of SGD / EKFAC / DGNOpt-FNE
+#   parity.txt       dgn-bench parity: device vs CPU parameters after 3 float64 steps
+#   bench_gpu.txt    dgn-bench on the device: ms/step and peak MiB per optimizer
 #   bench_gpu.json   the same, raw
+#   profile.txt      torch.profiler: the most expensive kernels of a DGNOpt ResNet-18 step
 #   train_bf16.json  summary.json of a DGNOpt run on DIGITS under bf16 autocast
 #   train_nccl.json  summary.json of the same run under torchrun (NCCL process group)
 #   log.txt          everything the commands printed
-set -euo pipefail
+set -uo pipefail
 : "${OUT:?set OUT to the folder for the results}"
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
@@ -21,9 +26,22 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}
 MODELS=${MODELS:-digits_resnet,mnist_resnet,resnet18}
+PROFILE_MODEL=${PROFILE_MODEL:-resnet18}
 STEPS=${STEPS:-300}
 work=$(mktemp -d)
 log="$OUT/log.txt"
+status=0
+
+section() {  # section NAME LIMIT_S COMMAND...: run with a time limit, log, remember a failure
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name" | tee -a "$log"
+  local start=$SECONDS
+  timeout "$limit" "$@" 2>&1 | tee -a "$log"
+  local rc=${PIPESTATUS[0]}
+  echo "== $name: exit $rc after $((SECONDS - start)) s" | tee -a "$log"
+  if [ "$rc" -ne 0 ] && [ "$status" -eq 0 ]; then status=$rc; fi
+}
 
 {
   nvidia-smi -L || true
@@ -31,20 +49,29 @@ log="$OUT/log.txt"
             torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')"
 } > "$OUT/env.txt" 2>&1
 
-echo "== optimizers on cuda" | tee -a "$log"
-"$PY" -m dgn_dist.bench --device "$DEVICE" --models "$MODELS" \
-    --optimizers sgd,ekfac,dgnopt --batch-size 128 --steps 10 --warmup 3 \
-    --json "$OUT/bench_gpu.json" 2>&1 | tee -a "$log" | tee "$OUT/bench_gpu.txt"
+section "parity on $DEVICE (float64)" 90 bash -c "
+  '$PY' -m dgn_dist.bench parity --device '$DEVICE' --model digits_resnet &&
+  '$PY' -m dgn_dist.bench parity --device '$DEVICE' --model mnist_resnet \
+      --optimizers ekfac,dgnopt,dgnopt-gr --batch-size 8 --steps 2" 
+grep -v '^==' "$log" | grep -A20 '^parity' > "$OUT/parity.txt" || true
 
-echo "== DGNOpt on DIGITS, cuda, bf16 autocast" | tee -a "$log"
-"$PY" -m dgn_dist.train --config configs/digits_dgnopt.toml run.device="$DEVICE" \
-    run.max_steps="$STEPS" parallel.precision=bf16 run.quiet=true run.dir="$work/bf16" \
-    2>&1 | tee -a "$log"
-cp "$work/bf16/summary.json" "$OUT/train_bf16.json"
+section "optimizers on $DEVICE" 200 "$PY" -m dgn_dist.bench --device "$DEVICE" \
+    --models "$MODELS" --optimizers sgd,ekfac,dgnopt,dgnopt-gr --batch-size 128 --steps 10 \
+    --warmup 3 --json "$OUT/bench_gpu.json"
+sed -n '/^dgn-bench on/,$p' "$log" > "$OUT/bench_gpu.txt"
 
-echo "== the same under torchrun (NCCL, one process)" | tee -a "$log"
-"$PY" -m torch.distributed.run --nproc_per_node 1 -m dgn_dist.train \
-    --config configs/digits_dgnopt.toml run.device="$DEVICE" run.max_steps="$STEPS" run.quiet=true \
-    run.dir="$work/nccl" 2>&1 | tee -a "$log"
-cp "$work/nccl/summary.json" "$OUT/train_nccl.json"
-echo "done: $OUT" | tee -a "$log"
+section "profile of DGNOpt on $PROFILE_MODEL" 75 bash -c "
+  '$PY' -m dgn_dist.bench --device '$DEVICE' --models '$PROFILE_MODEL' --optimizers dgnopt \
+      --batch-size 128 --steps 1 --warmup 2 --profile 25 > '$OUT/profile.txt' 2>&1"
+
+section "DGNOpt on DIGITS, $DEVICE, bf16 autocast" 75 "$PY" -m dgn_dist.train \
+    --config configs/digits_dgnopt.toml run.device="$DEVICE" run.max_steps="$STEPS" \
+    parallel.precision=bf16 run.quiet=true run.dir="$work/bf16"
+cp "$work/bf16/summary.json" "$OUT/train_bf16.json" || status=${status/#0/1}
+
+section "the same under torchrun (NCCL, one process)" 75 "$PY" -m torch.distributed.run \
+    --nproc_per_node 1 -m dgn_dist.train --config configs/digits_dgnopt.toml \
+    run.device="$DEVICE" run.max_steps="$STEPS" run.quiet=true run.dir="$work/nccl"
+cp "$work/nccl/summary.json" "$OUT/train_nccl.json" || status=${status/#0/1}
+echo "done: $OUT (exit $status)" | tee -a "$log"
+exit "$status"
