@@ -7,7 +7,11 @@ relative to the parameters' size::
 
     max_p |theta_dev - theta_cpu|_inf / max(|theta_cpu|_inf, 1e-12)
 
-A row fails when it exceeds ``--tol``; the exit status is then 1. The DIGITS net covers the
+A row fails when it exceeds ``--tol``; the exit status is then 1. The eigenbases are recomputed
+every step (``curvature.inverse_interval = 1``; see :func:`run_steps` for why). The default
+tolerance 1e-6 allows for the step's amplification of rounding (the square root of
+``I - Γ_b`` near a clipped eigenvalue: a 1e-15 perturbation of the MNIST net's weights moves its
+second-step parameters by 2e-9); a device bug moves them by O(1). The DIGITS net covers the
 Tanh residual block of Table 2; ``--model`` takes any registry name (BatchNorm nets such as
 ``mnist_resnet`` exercise the BatchNorm tangent rules on the device too).
 """
@@ -27,6 +31,8 @@ from dgn_dist.models import build_model
 from dgn_dist.optim import build_optimizer
 
 DEFAULT_OPTIMIZERS = "sgd,adam,ekfac,dgnopt,dgnopt-gr"
+#: A reference run whose parameters grew past this has diverged: the row fails.
+DIVERGED = 1e3
 
 
 def run_steps(model_name: str, optim_name: str, device: torch.device, steps: int,
@@ -38,6 +44,12 @@ def run_steps(model_name: str, optim_name: str, device: torch.device, steps: int
     cfg.optim.name, info = VARIANTS.get(optim_name, (optim_name, cfg.game.info))  # type: ignore[assignment]
     cfg.game.info = info  # type: ignore[assignment]
     cfg.optim.lr = 0.05
+    # A stale eigenbasis (inverse_interval > 1) of a rank-deficient Kronecker factor is
+    # defined only up to a rotation of its null space, and EKFAC's per-direction scaling of
+    # the next batches depends on that rotation: CPU and GPU eigh choose different ones (a
+    # 1e-13 perturbation on one device moves EKFAC by 6 % at step 2 on the DIGITS head with
+    # batch 16). A fresh basis every step makes the update a function of the data alone.
+    cfg.curvature.inverse_interval = 1
     torch.manual_seed(0)
     model = build_model(cfg.model, shape, NUM_CLASSES).double().to(device)
     optimizer = build_optimizer(cfg, model)
@@ -64,8 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", default="digits_resnet", choices=MODEL_CHOICES)
     parser.add_argument("--optimizers", default=DEFAULT_OPTIMIZERS)
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--tol", type=float, default=1e-8)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--tol", type=float, default=1e-6)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -79,9 +91,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                               args.batch_size)
         on_device = run_steps(args.model, name, device, args.steps, args.batch_size)
         rel = relative_difference(on_device, reference)
+        size = max(float(p.abs().max()) for p in reference)
+        if not size < DIVERGED:  # two diverged runs agree on nothing worth comparing
+            rel = float("inf")
         worst = max(worst, rel)
-        print(f"  {name:<10} max relative parameter difference {rel:.3e} "
-              f"{'ok' if rel <= args.tol else 'FAIL'}", flush=True)
+        print(f"  {name:<10} max relative parameter difference {rel:.3e}, max |theta| "
+              f"{size:.3g} {'ok' if rel <= args.tol else 'FAIL'}", flush=True)
     return 0 if worst <= args.tol else 1
 
 

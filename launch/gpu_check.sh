@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared GPU check (about 6 minutes on one H100): float64 parity of the optimizers on the
+# One prepared GPU check (about 4 minutes on one H100): float64 parity of the optimizers on the
 # device against the CPU, step time and memory of SGD / EKFAC / DGNOpt-FNE / DGNOpt-GR, the
 # most expensive CUDA kernels of a DGNOpt ResNet-18 step, a bf16 DGNOpt training run, and NCCL
 # initialisation under torchrun.
@@ -50,15 +50,25 @@ section() {  # section NAME LIMIT_S COMMAND...: run with a time limit, log, reme
 } > "$OUT/env.txt" 2>&1
 
 section "parity on $DEVICE (float64)" 90 bash -c "
-  '$PY' -m dgn_dist.bench parity --device '$DEVICE' --model digits_resnet &&
+  '$PY' -m dgn_dist.bench parity --device '$DEVICE' --model digits_resnet; a=\$?
   '$PY' -m dgn_dist.bench parity --device '$DEVICE' --model mnist_resnet \
-      --optimizers ekfac,dgnopt,dgnopt-gr --batch-size 8 --steps 2" 
+      --optimizers ekfac,dgnopt,dgnopt-gr --steps 2; exit \$((a | \$?))"
 grep -v '^==' "$log" | grep -A20 '^parity' > "$OUT/parity.txt" || true
 
 section "optimizers on $DEVICE" 200 "$PY" -m dgn_dist.bench --device "$DEVICE" \
     --models "$MODELS" --optimizers sgd,ekfac,dgnopt,dgnopt-gr --batch-size 128 --steps 10 \
     --warmup 3 --json "$OUT/bench_gpu.json"
 sed -n '/^dgn-bench on/,$p' "$log" > "$OUT/bench_gpu.txt"
+
+# The same DGNOpt rows with the per-sample contractions forced back to batched matrix products
+# (dgn_dist.dgnopt.dots), for the before/after ratio on the same machine.
+section "DGNOpt with matrix-product contractions on $DEVICE" 90 "$PY" -c "
+import sys
+from dgn_dist.dgnopt import dots
+dots._elementwise = lambda x, pairs, forced: False if forced is None else forced
+from dgn_dist.bench import main
+sys.exit(main(['--device', '$DEVICE', '--models', '$MODELS', '--optimizers', 'dgnopt',
+               '--batch-size', '128', '--steps', '10', '--warmup', '3']))"
 
 section "profile of DGNOpt on $PROFILE_MODEL" 75 bash -c "
   '$PY' -m dgn_dist.bench --device '$DEVICE' --models '$PROFILE_MODEL' --optimizers dgnopt \

@@ -33,6 +33,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from dgn_dist.dgnopt.dots import rows_dot, sample_inner
 from dgn_dist.dgnopt.factor_stats import input_stat, joint_rows, kron_stats, output_stat
 from dgn_dist.dgnopt.players import PlayerView
 from dgn_dist.dgnopt.proj_cache import Kept, Kind, ProjectionCache
@@ -368,9 +369,9 @@ class KronBlock(FactorBlock):
         if got is not None and got[0] == "squares":  # rank 1: Σ_d P_d² w_d
             assert isinstance(got[1], Tensor)
             squares = got[1].flatten(1)  # [num, d_out * d_in]
-            return (squares @ weight.to(squares.dtype)).reshape(-1, 1, 1)
+            return rows_dot(squares, weight.to(squares.dtype)).reshape(-1, 1, 1)
         proj = self.projected(chunk).flatten(2)  # [num, r, d_out * d_in]
-        return (proj * weight.to(proj.dtype)) @ proj.transpose(1, 2)
+        return sample_inner(proj * weight.to(proj.dtype), proj)
 
     def psi_accumulators(self) -> list[Tensor]:
         return [] if self._acc is None else [self._acc]

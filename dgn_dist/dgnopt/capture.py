@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from dgn_dist.dgnopt.dots import combine, state_dots
 from dgn_dist.game.core import Player, State
 
 
@@ -122,8 +123,8 @@ def contract_factors(factors: State, tangent: State) -> State:
     the action of the factorised ``V_xx`` on a stacked state vector."""
     coef: Tensor | None = None
     for u, v in zip(factors, tangent, strict=False):
-        c = torch.einsum("bi...,b...->bi", u, v)
+        c = state_dots(u, v)
         coef = c if coef is None else coef + c
     if coef is None:
         raise ValueError("empty state tuple")
-    return tuple(torch.einsum("bi,bi...->b...", coef, u) for u in factors)
+    return tuple(combine(coef, u) for u in factors)

@@ -22,6 +22,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor
 
+from dgn_dist.dgnopt.dots import sample_inner
 from dgn_dist.dgnopt.baselines import DiagRule
 from dgn_dist.dgnopt.blocks import (
     Block,
@@ -343,7 +344,7 @@ class StageSolver:
                         x = psis[n].reshape(num, r, -1)
                         y = sol[n] / scales[n].to(sol[n].dtype) if scales else sol[n]
                         y = (y * self.gain_scale).reshape(num, r, -1).to(x.dtype)
-                        t = torch.einsum("bid,bjd->bij", x, y)
+                        t = sample_inner(x, y)
                         term = t if term is None else term + t
                 if term is not None:
                     g = term if g is None else g + term

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from dgn_dist.dgnopt.dots import rows_dot, state_dots
 from dgn_dist.dgnopt.autodiff import vjp
 from dgn_dist.dgnopt.blocks import StageBatch
 from dgn_dist.dgnopt.capture import (
@@ -253,8 +254,7 @@ def rescale_gains(stage: Stage, solver: StageSolver, x_t: State, q_theta: list[T
             assert batch is not None
             coef = sum(_psi_dots(batch, views[n], n, k[n]) for n in members)
         else:
-            coef = sum(torch.einsum("bi...,b...->bi", u, j) for u, j in
-                       zip(u_next, jk, strict=False))
+            coef = sum(state_dots(u, j) for u, j in zip(u_next, jk, strict=False))
         assert isinstance(coef, Tensor)
         sums.append((coef.to(torch.float64) ** 2).sum())
     gn_sums = torch.stack(sums)
@@ -303,7 +303,7 @@ def _psi_dots(batch: StageBatch, view: PlayerView, n: int, k_n: Tensor) -> Tenso
         out_rows = (a @ k_n.to(a.dtype).T).reshape(num, 1, locs, -1)
         return (g.reshape(num, r, locs, -1) * out_rows).sum((2, 3))
     psi = view.per_sample(num, r, a, g)
-    return (psi @ k_n.to(psi.dtype)).reshape(num, r)
+    return rows_dot(psi, k_n.to(psi.dtype)).reshape(num, r)
 
 
 #: ``p`` of the norm that bounds the maximum of the replicas' ``λ_max(Γ)`` (data parallel).
