@@ -120,7 +120,8 @@ class MemoryProbe:
 
 
 def measure(model_name: str, optim_name: str, batch_size: int, steps: int, warmup: int,
-            device: Any, stats_every: int = 0, profile: int = 0) -> Result:
+            device: Any, stats_every: int = 0, profile: int = 0,
+            chunk_mb: float = 64.0) -> Result:
     """Time ``steps`` training steps of one (model, optimizer) pair after ``warmup`` steps
     (module docstring for ``stats_every`` and ``profile``)."""
     import torch
@@ -148,6 +149,7 @@ def measure(model_name: str, optim_name: str, batch_size: int, steps: int, warmu
     cfg.game.info = info  # type: ignore[assignment]
     cfg.optim.lr = 0.01
     cfg.logging.curvature_every = stats_every
+    cfg.curvature.chunk_mb = chunk_mb
     model = build_model(cfg.model, shape, NUM_CLASSES).to(device)
     optimizer = build_optimizer(cfg, model)
     x = torch.randn(batch_size, *shape, device=device)
@@ -256,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stats-every", type=int, default=0, metavar="N",
                         help="read curvature statistics and eigenvalue histograms every N "
                         "steps, inside the timed step (default: 0 = monitoring off)")
+    parser.add_argument("--chunk-mb", type=float, default=64.0, metavar="MB",
+                        help="dgnopt: curvature.chunk_mb, the per-sample chunk budget "
+                        "(default: %(default)s)")
     parser.add_argument("--profile", type=int, default=0, metavar="K",
                         help="print the K most expensive operators of two extra steps per "
                         "pair (torch.profiler; default: 0 = no profile)")
@@ -280,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for flag, value, low in (("--batch-size", args.batch_size, 1), ("--steps", args.steps, 1),
                              ("--warmup", args.warmup, 0),
                              ("--stats-every", args.stats_every, 0),
-                             ("--profile", args.profile, 0)):
+                             ("--profile", args.profile, 0), ("--chunk-mb", args.chunk_mb, 1e-6)):
         if value < low:
             print(f"error: {flag} must be >= {low}, got {value}", file=sys.stderr)
             return 2
@@ -302,7 +307,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for optim_name in optimizers:
             try:
                 results.append(measure(model_name, optim_name, args.batch_size, args.steps,
-                                       args.warmup, device, args.stats_every, args.profile))
+                                       args.warmup, device, args.stats_every, args.profile,
+                                       args.chunk_mb))
             except (ImportError, ValueError, RuntimeError, KeyError) as err:
                 note = f"skipped: {type(err).__name__}: {str(err).splitlines()[0][:80]}"
                 results.append(Result(model_name, optim_name, math.nan, math.nan, math.nan,
@@ -311,12 +317,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"dgn-bench on {name} (torch {torch.__version__}, {torch.get_num_threads()} "
           f"threads), batch {args.batch_size}, {args.steps} timed steps after {args.warmup}"
-          f", stats every {args.stats_every or 'never'}")
+          f", stats every {args.stats_every or 'never'}, chunk {args.chunk_mb:g} MiB")
     print(format_table(results))
     if args.json:
         payload = {"device": name, "torch": torch.__version__, "batch_size": args.batch_size,
                    "steps": args.steps, "warmup": args.warmup,
-                   "stats_every": args.stats_every,
+                   "stats_every": args.stats_every, "chunk_mb": args.chunk_mb,
                    "memory": "cuda max_memory_allocated" if device.type == "cuda"
                    else "peak RSS growth (VmHWM)",
                    "results": [_json_row(r) for r in results]}

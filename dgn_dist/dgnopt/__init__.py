@@ -26,7 +26,7 @@ def dgnopt_kwargs(cfg: Config) -> dict[str, object]:
         "inverse_interval": cfg.curvature.inverse_interval,
         "weight_decay": cfg.optim.weight_decay, "feedback_scale": cfg.game.feedback_scale,
         "alignment": cfg.game.alignment, "stats_every": max(cfg.logging.curvature_every, 0),
-        "rescale": cfg.curvature.rescale,
+        "rescale": cfg.curvature.rescale, "chunk_mb": cfg.curvature.chunk_mb,
     }
 
 

@@ -44,8 +44,6 @@ from dgn_dist.game.core import Stage
 
 INFOS: tuple[str, ...] = ("olne", "fne", "gr")
 CURVATURES: tuple[str, ...] = ("identity", "diag", "kfac", "ekfac")
-#: Upper bound on the elements of one chunk of per-sample gradients.
-PSI_CHUNK = 1 << 24
 
 
 class NonFiniteUpdate(RuntimeError):
@@ -90,7 +88,8 @@ class StageSolver:
 
     def __init__(self, stage: Stage, info: str, curvature: str, *, zero_cross: bool = False,
                  coop_iters: int = 20, coop_tol: float = 1e-8, diag_rule: DiagRule | None = None,
-                 game_extended: bool = False, gain_scale: float = 1.0) -> None:
+                 game_extended: bool = False, gain_scale: float = 1.0,
+                 chunk_mb: float = 64.0) -> None:
         if info not in INFOS:
             raise ValueError(f"info must be one of {', '.join(INFOS)}; got {info!r}")
         if curvature not in CURVATURES:
@@ -105,6 +104,9 @@ class StageSolver:
         if not gain_scale > 0:
             raise ValueError(f"gain_scale must be > 0; got {gain_scale}")
         self.gain_scale = float(gain_scale)
+        if not chunk_mb > 0:
+            raise ValueError(f"chunk_mb must be > 0; got {chunk_mb}")
+        self.chunk_elements = max(1, int(chunk_mb * 2**20) // 4)  # float32 elements
         self.game_extended = game_extended and info == "gr" and curvature == "identity" \
             and not zero_cross
         self.blocks: list[Block] = self._build_blocks(info, curvature, zero_cross, coop_iters,
@@ -239,7 +241,7 @@ class StageSolver:
         """Per-sample gradients of ``members`` in chunks of samples (bounded memory), built
         lazily: Kronecker blocks project the rows instead (:meth:`KronBlock.projected`)."""
         per_sample = sum(int(self.views[n].theta().numel()) for n in members) * batch.rank
-        chunk = max(1, PSI_CHUNK // max(per_sample, 1))
+        chunk = max(1, self.chunk_elements // max(per_sample, 1))
         for start in range(0, batch.num, chunk):
             yield PsiChunk(batch, self.views, members, start, min(batch.num, start + chunk))
 

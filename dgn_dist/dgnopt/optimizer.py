@@ -111,13 +111,14 @@ class DGNOpt(Optimizer):
                  stats_every: int = 0, rescale: bool = True,
                  alignments: Sequence[str] | None = None, game_extended: bool = False,
                  diag_rule: DiagRule | None = None, gain_scale: float = 1.0,
-                 kl_clip: float = 0.0, feedback_consistency: bool = False) -> None:
+                 kl_clip: float = 0.0, feedback_consistency: bool = False,
+                 chunk_mb: float = 64.0) -> None:
         check_options(lr=lr, info=info, curvature=curvature, vxx=vxx, rank=rank,
                       damping=damping, ema_decay=ema_decay, factor_interval=factor_interval,
                       inverse_interval=inverse_interval, weight_decay=weight_decay,
                       feedback_scale=feedback_scale, alignment=alignment,
                       coop_iters=coop_iters, coop_tol=coop_tol, stats_every=stats_every,
-                      rescale=rescale)
+                      rescale=rescale, chunk_mb=chunk_mb)
         names = check_alignments(alignment, alignments, game)
         self.games: dict[str, Game] = {
             a: game if game is not None else build_game(model, a)  # type: ignore[arg-type]
@@ -145,7 +146,7 @@ class DGNOpt(Optimizer):
         self.solver_sets: dict[str, list[StageSolver]] = {
             a: [StageSolver(s, info, curvature, zero_cross=zero_cross, coop_iters=coop_iters,
                             coop_tol=coop_tol, diag_rule=diag_rule, game_extended=game_extended,
-                            gain_scale=gain_scale)
+                            gain_scale=gain_scale, chunk_mb=chunk_mb)
                 for s in g.stage_list()] for a, g in self.games.items()}
         self._alignment = alignment
         self.solvers = self.solver_sets[alignment]

@@ -111,7 +111,8 @@ class PipelineRunner:
         self.meta = meta_copy(game)
         own = [stages[t] for t in mine]
         solvers = [StageSolver(s, opts.info, opts.curvature, zero_cross=opts.zero_cross,
-                               coop_iters=opts.coop_iters, coop_tol=opts.coop_tol) for s in own]
+                               coop_iters=opts.coop_iters, coop_tol=opts.coop_tol,
+                               chunk_mb=opts.chunk_mb) for s in own]
         pp = dims.pp
         self.shard = Shard(
             own, solvers, mine.start,

@@ -1,6 +1,7 @@
-"""dgn_dist.dgnopt.dots: both forms of the per-sample contractions equal the einsum
-definitions, and a whole DGNOpt step taken with the elementwise (CUDA) form equals the
-matrix-product (CPU) form."""
+"""Forms of execution that must not change the math: both forms of the per-sample contractions
+(dgn_dist.dgnopt.dots) equal the einsum definitions, a whole DGNOpt step taken with the
+elementwise (CUDA) form equals the matrix-product (CPU) form, and the per-sample chunk budget
+(curvature.chunk_mb) changes the step only by rounding."""
 
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def test_auto_form_is_the_matrix_product_on_cpu() -> None:
 
 
 def _params_after_steps(model_name: str, info: str, steps: int = 2,
-                        batch: int = 32) -> list[torch.Tensor]:
+                        batch: int = 32, chunk_mb: float = 64.0) -> list[torch.Tensor]:
     from dgn_dist.bench import INPUT_SHAPES, NUM_CLASSES
     from dgn_dist.config import Config
     from dgn_dist.models import build_model
@@ -57,6 +58,7 @@ def _params_after_steps(model_name: str, info: str, steps: int = 2,
     cfg.optim.name = "dgnopt"
     cfg.game.info = info  # type: ignore[assignment]
     cfg.optim.lr = 0.05
+    cfg.curvature.chunk_mb = chunk_mb
     cfg.curvature.inverse_interval = 1  # a stale basis is defined only up to a null-space
     torch.manual_seed(0)                # rotation (dgn_dist.parity): keep the step well posed
     model = build_model(cfg.model, shape, NUM_CLASSES).double()
@@ -96,3 +98,27 @@ def test_dgnopt_step_is_the_same_in_both_forms(model_name: str, info: str,
     # weights moves its step-2 parameters by 2e-9). A wrong contraction moves them by O(1).
     for a, b in zip(forced, reference):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("model_name,info", [("mnist_resnet", "fne"), ("digits_resnet", "gr")])
+def test_chunk_budget_changes_nothing_but_rounding(model_name: str, info: str) -> None:
+    """A budget of a few KiB puts one sample in each chunk; the default puts the whole batch
+    of these small nets in one."""
+    whole = _params_after_steps(model_name, info)
+    one_by_one = _params_after_steps(model_name, info, chunk_mb=0.005)
+    for a, b in zip(one_by_one, whole):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+
+
+def test_chunk_budget_sets_the_chunk_size() -> None:
+    from dgn_dist.config import Config
+    from dgn_dist.dgnopt.gains import StageSolver
+    from dgn_dist.game import build_game
+    from dgn_dist.models import build_model
+
+    model = build_model(Config().model, (1, 8, 8), 10)
+    stage = next(s for s in build_game(model, "second").stage_list()
+                 if any(p.parameters() for p in s.players))
+    assert StageSolver(stage, "fne", "kfac", chunk_mb=1.0).chunk_elements == 2**18
+    with pytest.raises(ValueError, match="chunk_mb must be > 0"):
+        StageSolver(stage, "fne", "kfac", chunk_mb=0.0)
