@@ -121,7 +121,7 @@ class MemoryProbe:
 
 def measure(model_name: str, optim_name: str, batch_size: int, steps: int, warmup: int,
             device: Any, stats_every: int = 0, profile: int = 0,
-            chunk_mb: float = 64.0) -> Result:
+            chunk_mb: float = 0.0) -> Result:
     """Time ``steps`` training steps of one (model, optimizer) pair after ``warmup`` steps
     (module docstring for ``stats_every`` and ``profile``)."""
     import torch
@@ -258,9 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stats-every", type=int, default=0, metavar="N",
                         help="read curvature statistics and eigenvalue histograms every N "
                         "steps, inside the timed step (default: 0 = monitoring off)")
-    parser.add_argument("--chunk-mb", type=float, default=64.0, metavar="MB",
-                        help="dgnopt: curvature.chunk_mb, the per-sample chunk budget "
-                        "(default: %(default)s)")
+    parser.add_argument("--chunk-mb", type=float, default=0.0, metavar="MB",
+                        help="dgnopt: curvature.chunk_mb, the per-sample chunk budget in MiB "
+                        "(default: 0 = auto, 64 on the CPU and 256 on a GPU)")
     parser.add_argument("--profile", type=int, default=0, metavar="K",
                         help="print the K most expensive operators of two extra steps per "
                         "pair (torch.profiler; default: 0 = no profile)")
@@ -285,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for flag, value, low in (("--batch-size", args.batch_size, 1), ("--steps", args.steps, 1),
                              ("--warmup", args.warmup, 0),
                              ("--stats-every", args.stats_every, 0),
-                             ("--profile", args.profile, 0), ("--chunk-mb", args.chunk_mb, 1e-6)):
+                             ("--profile", args.profile, 0), ("--chunk-mb", args.chunk_mb, 0)):
         if value < low:
             print(f"error: {flag} must be >= {low}, got {value}", file=sys.stderr)
             return 2
@@ -317,7 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"dgn-bench on {name} (torch {torch.__version__}, {torch.get_num_threads()} "
           f"threads), batch {args.batch_size}, {args.steps} timed steps after {args.warmup}"
-          f", stats every {args.stats_every or 'never'}, chunk {args.chunk_mb:g} MiB")
+          f", stats every {args.stats_every or 'never'}, chunk_mb {args.chunk_mb:g}")
     print(format_table(results))
     if args.json:
         payload = {"device": name, "torch": torch.__version__, "batch_size": args.batch_size,

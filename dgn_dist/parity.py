@@ -65,7 +65,7 @@ def run_steps(model_name: str, optim_name: str, device: torch.device, steps: int
 
 
 def relative_difference(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
-    diff = max(float((x - y).abs().max()) for x, y in zip(a, b))
+    diff = max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True))
     scale = max(float(y.abs().max()) for y in b)
     return diff / max(scale, 1e-12)
 

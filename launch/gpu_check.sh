@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# One prepared GPU check (about 4 minutes on one H100): float64 parity of the optimizers on the
-# device against the CPU, step time and memory of SGD / EKFAC / DGNOpt-FNE / DGNOpt-GR (and of
-# DGNOpt with larger per-sample chunks), the most expensive CUDA kernels of a DGNOpt ResNet-18
-# step, a bf16 DGNOpt training run, and NCCL initialisation under torchrun.
+# One prepared GPU check (about 4 minutes on one H100): float64 parity of the optimizers on
+# the device against the CPU, step time and memory of SGD / EKFAC / DGNOpt-FNE / DGNOpt-GR (and
+# of DGNOpt with other per-sample chunk budgets), the most expensive CUDA kernels of a DGNOpt
+# ResNet-18 step, a bf16 DGNOpt training run, and NCCL initialisation under torchrun.
 #
 #   OUT=/some/dir bash launch/gpu_check.sh
 #   OUT=/tmp/x DEVICE=cpu MODELS=digits_resnet STEPS=20 bash launch/gpu_check.sh  # plumbing only
@@ -60,8 +60,9 @@ section "optimizers on $DEVICE" 200 "$PY" -m dgn_dist.bench --device "$DEVICE" \
     --warmup 3 --json "$OUT/bench_gpu.json"
 sed -n '/^dgn-bench on/,$p' "$log" > "$OUT/bench_gpu.txt"
 
-# DGNOpt with larger per-sample chunks (curvature.chunk_mb): fewer kernel launches, more memory.
-for mb in 256 1024; do
+# DGNOpt with the CPU's per-sample chunk budget and a larger one (curvature.chunk_mb; auto = 256
+# MiB on a GPU): fewer kernel launches against more memory.
+for mb in 64 1024; do
   section "DGNOpt with chunk_mb=$mb on $DEVICE" 90 "$PY" -m dgn_dist.bench --device "$DEVICE" \
       --models "$MODELS" --optimizers dgnopt,dgnopt-gr --batch-size 128 --steps 10 --warmup 3 \
       --chunk-mb "$mb"

@@ -46,7 +46,7 @@ def test_auto_form_is_the_matrix_product_on_cpu() -> None:
 
 
 def _params_after_steps(model_name: str, info: str, steps: int = 2,
-                        batch: int = 32, chunk_mb: float = 64.0) -> list[torch.Tensor]:
+                        batch: int = 32, chunk_mb: float = 0.0) -> list[torch.Tensor]:
     from dgn_dist.bench import INPUT_SHAPES, NUM_CLASSES
     from dgn_dist.config import Config
     from dgn_dist.models import build_model
@@ -91,12 +91,12 @@ def test_dgnopt_step_is_the_same_in_both_forms(model_name: str, info: str,
     monkeypatch.setattr(dots, "_elementwise", always)
     forced = _params_after_steps(model_name, info)
     assert calls, "no contraction went through dgn_dist.dgnopt.dots"
-    moved = max(float((a - b).abs().max()) for a, b in zip(reference, before))
+    moved = max(float((a - b).abs().max()) for a, b in zip(reference, before, strict=True))
     assert 1e-4 < moved < 10.0, moved  # a real step, not a diverged one (1e19 and up)
     # Not bit-equal: the two forms round differently, and the step amplifies rounding (the
     # square root of I - Γ near a clipped eigenvalue; a 1e-15 perturbation of the mnist_resnet
     # weights moves its step-2 parameters by 2e-9). A wrong contraction moves them by O(1).
-    for a, b in zip(forced, reference):
+    for a, b in zip(forced, reference, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
 
 
@@ -106,19 +106,21 @@ def test_chunk_budget_changes_nothing_but_rounding(model_name: str, info: str) -
     of these small nets in one."""
     whole = _params_after_steps(model_name, info)
     one_by_one = _params_after_steps(model_name, info, chunk_mb=0.005)
-    for a, b in zip(one_by_one, whole):
+    for a, b in zip(one_by_one, whole, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
 
 
 def test_chunk_budget_sets_the_chunk_size() -> None:
     from dgn_dist.config import Config
-    from dgn_dist.dgnopt.gains import StageSolver
+    from dgn_dist.dgnopt.gains import StageSolver, chunk_elements
     from dgn_dist.game import build_game
     from dgn_dist.models import build_model
 
     model = build_model(Config().model, (1, 8, 8), 10)
     stage = next(s for s in build_game(model, "second").stage_list()
                  if any(p.parameters() for p in s.players))
-    assert StageSolver(stage, "fne", "kfac", chunk_mb=1.0).chunk_elements == 2**18
-    with pytest.raises(ValueError, match="chunk_mb must be > 0"):
-        StageSolver(stage, "fne", "kfac", chunk_mb=0.0)
+    assert chunk_elements(1.0, torch.device("cpu")) == 2**18
+    assert chunk_elements(0.0, torch.device("cpu")) == 2**24  # auto: 64 MiB
+    assert chunk_elements(0.0, torch.device("cuda")) == 2**26  # auto: 256 MiB
+    with pytest.raises(ValueError, match="chunk_mb must be >= 0"):
+        StageSolver(stage, "fne", "kfac", chunk_mb=-1.0)

@@ -148,7 +148,7 @@ def _validate_ranges(cfg: Config) -> None:
         (cfg.curvature.factor_interval >= 1, "curvature.factor_interval must be >= 1"),
         (cfg.curvature.inverse_interval >= 1, "curvature.inverse_interval must be >= 1"),
         (cfg.curvature.rank >= 1, "curvature.rank must be >= 1"),
-        (cfg.curvature.chunk_mb > 0, "curvature.chunk_mb must be > 0"),
+        (cfg.curvature.chunk_mb >= 0, "curvature.chunk_mb must be >= 0 (0 = auto)"),
         (cfg.curvature.vxx != "empirical" or cfg.curvature.rank == 1,
          "curvature.rank must be 1 when curvature.vxx = 'empirical'"),
         (cfg.game.players_per_layer >= 1, "game.players_per_layer must be >= 1"),

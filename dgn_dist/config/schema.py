@@ -113,11 +113,11 @@ class CurvatureConfig:
     rescale: bool = doc(True, "dgnopt with kfac/ekfac: scale a block's curvature up where its "
                         "quadratic model lies below the batch Gauss-Newton model along its "
                         "step (keeps k, K and V_xx consistent; no effect where exact).")
-    chunk_mb: float = doc(64.0, "dgnopt: memory in MiB of one chunk of per-sample gradients "
+    chunk_mb: float = doc(0.0, "dgnopt: memory in MiB of one chunk of per-sample gradients "
                           "(the EKFAC scaling, the Gram matrix and the rescaling run over the "
                           "batch in chunks of this size). Larger chunks launch fewer kernels, "
-                          "which a GPU step is bound by, and raise the peak memory by about "
-                          "three chunks.")
+                          "which a GPU step is bound by, and can raise the peak memory by up "
+                          "to three chunks. 0 = auto: 64 on the CPU, 256 on a GPU.")
     vxx: Literal["empirical", "sampled", "exact"] = doc(
         "empirical", "dgnopt: terminal V_xx factors (DESIGN.md section 3).")
     rank: int = doc(1, "dgnopt: rank r of the per-sample V_xx factors (sampled: r samples; "

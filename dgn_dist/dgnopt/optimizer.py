@@ -112,7 +112,7 @@ class DGNOpt(Optimizer):
                  alignments: Sequence[str] | None = None, game_extended: bool = False,
                  diag_rule: DiagRule | None = None, gain_scale: float = 1.0,
                  kl_clip: float = 0.0, feedback_consistency: bool = False,
-                 chunk_mb: float = 64.0) -> None:
+                 chunk_mb: float = 0.0) -> None:
         check_options(lr=lr, info=info, curvature=curvature, vxx=vxx, rank=rank,
                       damping=damping, ema_decay=ema_decay, factor_interval=factor_interval,
                       inverse_interval=inverse_interval, weight_decay=weight_decay,

@@ -26,7 +26,6 @@ import torch
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from dgn_dist.dgnopt.dots import rows_dot, state_dots
 from dgn_dist.dgnopt.autodiff import vjp
 from dgn_dist.dgnopt.blocks import StageBatch
 from dgn_dist.dgnopt.capture import (
@@ -36,6 +35,7 @@ from dgn_dist.dgnopt.capture import (
     leaves,
     repeat_samples,
 )
+from dgn_dist.dgnopt.dots import rows_dot, state_dots
 from dgn_dist.dgnopt.gains import StageSolver
 from dgn_dist.dgnopt.players import PlayerView
 from dgn_dist.dgnopt.reduction import LOCAL, Reducer

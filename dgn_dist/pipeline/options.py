@@ -17,7 +17,7 @@ DEFAULTS: dict[str, Any] = {
     "damping": 1e-3, "ema_decay": 0.95, "factor_interval": 1, "inverse_interval": 20,
     "weight_decay": 0.0, "feedback_scale": 1.0, "alignment": "second", "zero_cross": False,
     "zero_feedback": False, "coop_iters": 20, "coop_tol": 1e-8, "stats_every": 0,
-    "rescale": True, "chunk_mb": 64.0,
+    "rescale": True, "chunk_mb": 0.0,
 }
 #: DGNOpt features that need the whole game on one rank (rejected with pp > 1).
 UNSUPPORTED = ("alignments", "game", "game_extended", "diag_rule", "gain_scale", "kl_clip")
