@@ -140,3 +140,14 @@ def test_psd_sqrt_counts_and_reconstructs() -> None:
     torch.testing.assert_close(root[0] @ root[0], torch.diag(torch.tensor(
         [2.0, 0.0], dtype=torch.float64)))
     torch.testing.assert_close(root[1] @ root[1], m[1])
+
+
+def test_psd_sqrt_rank_one_equals_the_eigendecomposition() -> None:
+    """The rank-1 shortcut (no batched eigh) gives the eigendecomposition's root and count."""
+    m = torch.tensor([4.0, 0.0, -1e-30, -0.5, 2.25], dtype=torch.float64).reshape(5, 1, 1)
+    root, clipped = psd_sqrt(m)
+    evals, evecs = torch.linalg.eigh(m)
+    expect = evecs @ torch.diag_embed(evals.clamp_min(0.0).sqrt()) @ evecs.transpose(1, 2)
+    torch.testing.assert_close(root, expect)
+    assert root.shape == (5, 1, 1)
+    assert int(clipped) == 1  # -0.5; -1e-30 lies within the tolerance

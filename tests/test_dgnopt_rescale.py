@@ -74,3 +74,21 @@ def test_rescaling_is_off_for_identity_curvature() -> None:
     opt = DGNOpt(model, lr=0.1, info="fne", curvature="identity", vxx="empirical",
                  damping=0.1, rescale=True)
     assert opt.rescale is False
+
+
+def test_zero_step_keeps_scale_one() -> None:
+    """With a zero gradient the step and both quadratic models are 0: the scale stays 1
+    (not 0/0) and no parameter moves."""
+    model = _mlp()
+    before = copy.deepcopy(model)
+    opt = DGNOpt(model, lr=0.5, info="fne", curvature="kfac", vxx="empirical", rank=1,
+                 damping=1e-3, ema_decay=0.0, rescale=True)
+    x = torch.randn(8, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    loss = (model(x) * 0.0).sum()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    scales = [s for solver in opt.solvers for s in solver.scales]
+    assert scales and all(float(s) == 1.0 for s in scales)
+    for p, q in zip(model.parameters(), before.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)

@@ -68,19 +68,21 @@ def test_rank1_shared_factor_pass_equals_separate_forward(
         assert fast[1] is None and slow[1] is None
 
 
-def test_all_finite_matches_isfinite() -> None:
+@pytest.mark.parametrize("fused", [None, True, False])  # auto (CPU: aminmax), CUDA form, CPU form
+def test_all_finite_matches_isfinite(fused: bool | None) -> None:
     torch.manual_seed(0)
     base = [torch.randn(50, 7, dtype=DT), torch.randn(3, dtype=torch.float32),
             torch.empty(0), torch.full((4,), 1e300, dtype=DT)]
-    assert all_finite(base)
-    assert all_finite([])
+    assert all_finite(base, fused)
+    assert all_finite([], fused)
+    assert all_finite([torch.empty(0)], fused)
     for bad in (float("nan"), float("inf"), -float("inf")):
         for i in (0, 1, 3):
             tensors = [t.clone() for t in base]
             tensors[i].view(-1)[tensors[i].numel() // 2] = bad
             expect = all(bool(torch.isfinite(t).all()) for t in tensors)
             assert not expect
-            assert all_finite(tensors) == expect
+            assert all_finite(tensors, fused) == expect
 
 
 def test_feedback_term_single_forward_equals_separate_jvp() -> None:

@@ -91,8 +91,10 @@ class StageSolution:
 def psd_sqrt(m: Tensor) -> tuple[Tensor, Tensor]:
     """Symmetric square root of ``[B, r, r]`` symmetric matrices with negative eigenvalues
     clipped to 0; also returns how many eigenvalues were clipped (below ``-tol``)."""
-    evals, evecs = torch.linalg.eigh(m)
     tol = 100 * torch.finfo(m.dtype).eps * max(1, m.shape[-1])
+    if m.shape[-1] == 1:  # rank 1: the root of a number (no batched eigh: fewer launches)
+        return m.clamp_min(0.0).sqrt(), (m < -tol).sum()
+    evals, evecs = torch.linalg.eigh(m)
     clipped = (evals < -tol).sum()
     root = evecs @ torch.diag_embed(evals.clamp_min(0.0).sqrt()) @ evecs.transpose(1, 2)
     return root, clipped
@@ -265,9 +267,11 @@ def rescale_gains(stage: Stage, solver: StageSolver, x_t: State, q_theta: list[T
         model_quad = sum((q_theta[n].to(torch.float64) * k[n].to(torch.float64)).sum()
                          for n in members)
         assert isinstance(model_quad, Tensor)
-        ok = bool(model_quad > 0) and bool(torch.isfinite(batch_quad))
-        scale = (batch_quad / model_quad).clamp_min(1.0) if ok else \
-            torch.ones((), dtype=torch.float64, device=gn_sum.device)
+        # s = max(1, batch / model) where the model is positive and the batch finite, else 1;
+        # torch.where rather than a branch: no host sync per unit
+        ok = (model_quad > 0) & torch.isfinite(batch_quad)
+        scale = torch.where(ok, (batch_quad / model_quad).clamp_min(1.0),
+                            torch.ones((), dtype=torch.float64, device=gn_sum.device))
         if jk is not None:
             scaled = [j / scale.to(j.dtype) for j in jk]
             jk_total = scaled if jk_total is None else [a + b for a, b in
