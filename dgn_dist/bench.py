@@ -17,6 +17,8 @@ Every (model, optimizer) pair runs the ordinary training step on one fixed synth
 Monitoring: ``--stats-every N`` runs with ``logging.curvature_every = N`` and reads the
 optimizer's curvature statistics (and eigenvalue histograms) every ``N`` steps inside the timed
 step, as the trainer does; the default 0 measures the optimizer with monitoring off.
+``--count-ops`` adds the number of ATen operators of one further step
+(:mod:`dgn_dist.opcount`): a GPU step of many small operators is bound by their launches.
 ``--profile K`` adds, per pair, the ``K`` most expensive operators of two further steps
 (``torch.profiler``, self CPU time, and CUDA time on a GPU).
 
@@ -69,6 +71,7 @@ class Result:
     time_ratio: float = math.nan  # median step time / SGD's
     memory_ratio: float = math.nan  # peak memory / SGD's
     note: str = ""
+    ops_per_step: int = 0  # --count-ops: ATen operators of one step (0 = not counted)
 
 
 def _release_free_heap() -> None:
@@ -121,7 +124,7 @@ class MemoryProbe:
 
 def measure(model_name: str, optim_name: str, batch_size: int, steps: int, warmup: int,
             device: Any, stats_every: int = 0, profile: int = 0,
-            chunk_mb: float = 0.0) -> Result:
+            chunk_mb: float = 0.0, count_ops: bool = False) -> Result:
     """Time ``steps`` training steps of one (model, optimizer) pair after ``warmup`` steps
     (module docstring for ``stats_every`` and ``profile``)."""
     import torch
@@ -130,6 +133,7 @@ def measure(model_name: str, optim_name: str, batch_size: int, steps: int, warmu
     from dgn_dist.config import Config
     from dgn_dist.metrics import curvature_histograms, curvature_scalars
     from dgn_dist.models import build_model
+    from dgn_dist.opcount import count_operators
     from dgn_dist.optim import build_optimizer
 
     def sync() -> None:
@@ -177,8 +181,9 @@ def measure(model_name: str, optim_name: str, batch_size: int, steps: int, warmu
         print(profile_table(lambda: [one_step(warmup + steps + i)  # type: ignore[func-returns-value]
                                      for i in range(2)],
                             device, profile, f"{model_name} / {optim_name}"), flush=True)
+    ops = count_operators(lambda: one_step(warmup + steps)) if count_ops else 0
     return Result(model_name, optim_name, statistics.median(times), statistics.fmean(times),
-                  peak)
+                  peak, ops_per_step=ops)
 
 
 def profile_table(run: Any, device: Any, rows: int, title: str) -> str:
@@ -206,17 +211,21 @@ def add_ratios(results: list[Result]) -> None:
 
 
 def format_table(results: list[Result]) -> str:
-    """A fixed-width text table, one row per (model, optimizer)."""
+    """A fixed-width text table, one row per (model, optimizer); an ``ops/step`` column when
+    the operators were counted."""
+    ops = any(r.ops_per_step for r in results)
     header = (f"{'model':<14} {'optimizer':<9} {'median ms':>10} {'mean ms':>9} "
-              f"{'x SGD':>6} {'peak MiB':>9} {'x SGD':>6}  note")
+              f"{'x SGD':>6} {'peak MiB':>9} {'x SGD':>6}" + (f" {'ops/step':>9}" if ops else "")
+              + "  note")
     lines = [header, "-" * len(header)]
     for r in results:
         if r.note:
             lines.append(f"{r.model:<14} {r.optimizer:<9} {'-':>10} {'-':>9} {'-':>6} "
-                         f"{'-':>9} {'-':>6}  {r.note}")
+                         f"{'-':>9} {'-':>6}" + (f" {'-':>9}" if ops else "") + f"  {r.note}")
             continue
         lines.append(f"{r.model:<14} {r.optimizer:<9} {r.median_ms:10.2f} {r.mean_ms:9.2f} "
-                     f"{r.time_ratio:6.2f} {r.peak_mib:9.1f} {r.memory_ratio:6.2f}")
+                     f"{r.time_ratio:6.2f} {r.peak_mib:9.1f} {r.memory_ratio:6.2f}"
+                     + (f" {r.ops_per_step:9d}" if ops else ""))
     return "\n".join(lines)
 
 
@@ -261,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--chunk-mb", type=float, default=0.0, metavar="MB",
                         help="dgnopt: curvature.chunk_mb, the per-sample chunk budget in MiB "
                         "(default: 0 = auto, 64 on the CPU and 256 on a GPU)")
+    parser.add_argument("--count-ops", action="store_true",
+                        help="count the ATen operators of one more step per pair (a GPU "
+                        "step of many small operators is bound by their launches)")
     parser.add_argument("--profile", type=int, default=0, metavar="K",
                         help="print the K most expensive operators of two extra steps per "
                         "pair (torch.profiler; default: 0 = no profile)")
@@ -308,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             try:
                 results.append(measure(model_name, optim_name, args.batch_size, args.steps,
                                        args.warmup, device, args.stats_every, args.profile,
-                                       args.chunk_mb))
+                                       args.chunk_mb, args.count_ops))
             except (ImportError, ValueError, RuntimeError, KeyError) as err:
                 note = f"skipped: {type(err).__name__}: {str(err).splitlines()[0][:80]}"
                 results.append(Result(model_name, optim_name, math.nan, math.nan, math.nan,

@@ -147,3 +147,22 @@ def test_bench_runs_one_tiny_step(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert rows[1]["time_ratio"] == pytest.approx(rows[1]["median_ms"] / rows[0]["median_ms"])
     assert bench.main(["--models", "nope"]) == 2
     assert "valid choices" in capsys.readouterr().err
+
+
+def test_bench_counts_operators(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--count-ops``: operators of one step per pair; Adam dispatches more than SGD, and
+    DGNOpt (the sweep and the update pass) far more."""
+    from dgn_dist import bench
+    from dgn_dist.opcount import count_operators
+
+    out = tmp_path / "bench.json"
+    assert bench.main(["--models", "digits_resnet", "--optimizers", "adam,dgnopt", "--steps",
+                       "1", "--warmup", "1", "--batch-size", "4", "--device", "cpu",
+                       "--count-ops", "--json", str(out)]) == 0
+    assert "ops/step" in capsys.readouterr().out
+    ops = {r["optimizer"]: r["ops_per_step"] for r in json.loads(out.read_text())["results"]}
+    assert 0 < ops["sgd"] < ops["adam"] < ops["dgnopt"] / 5, ops
+    import torch
+
+    x = torch.ones(3)
+    assert count_operators(lambda: (x + 1) * 2) == 2
