@@ -25,7 +25,14 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from dgn_dist.bench import DEFAULT_SHAPE, INPUT_SHAPES, MODEL_CHOICES, NUM_CLASSES, VARIANTS
+from dgn_dist.bench import (
+    DEFAULT_SHAPE,
+    INPUT_SHAPES,
+    MODEL_CHOICES,
+    NUM_CLASSES,
+    OPTIM_CHOICES,
+    VARIANTS,
+)
 from dgn_dist.config import Config
 from dgn_dist.models import build_model
 from dgn_dist.optim import build_optimizer
@@ -79,6 +86,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--tol", type=float, default=1e-6)
     args = parser.parse_args(argv)
+    names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
+    bad = [n for n in names if n not in OPTIM_CHOICES]
+    if bad or not names:
+        print(f"error: --optimizers: unknown name(s) {', '.join(bad) or '(none given)'}; "
+              f"valid choices: {', '.join(OPTIM_CHOICES)}", file=sys.stderr)
+        return 2
+    if args.steps < 1 or args.batch_size < 1:
+        print("error: --steps and --batch-size must be >= 1", file=sys.stderr)
+        return 2
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but torch sees no GPU", file=sys.stderr)
@@ -86,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     worst = 0.0
     print(f"parity {args.model}, {args.steps} float64 steps, batch {args.batch_size}: "
           f"{device} vs cpu")
-    for name in [n.strip() for n in args.optimizers.split(",") if n.strip()]:
+    for name in names:
         reference = run_steps(args.model, name, torch.device("cpu"), args.steps,
                               args.batch_size)
         on_device = run_steps(args.model, name, device, args.steps, args.batch_size)
