@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from dgn_dist.config.schema import ModelConfig, OptimConfig
+from dgn_dist.config.schema import Config, ModelConfig, OptimConfig
 
 MODEL_CHOICES = typing.get_args(typing.get_type_hints(ModelConfig)["name"])
 #: Benchmark names: the trainer's ``optim.name`` choices, plus ``dgnopt-gr`` (DGNOpt with
@@ -122,6 +122,16 @@ class MemoryProbe:
         return (self._status_kib("VmHWM") * 1024 - self.base) / 2**20
 
 
+def bench_config(model_name: str, optim_name: str, lr: float) -> Config:
+    """The config of one benchmark pair (``optim_name`` may be a :data:`VARIANTS` name)."""
+    cfg = Config()
+    cfg.model.name = model_name  # type: ignore[assignment]
+    cfg.optim.name, info = VARIANTS.get(optim_name, (optim_name, cfg.game.info))  # type: ignore[assignment]
+    cfg.game.info = info  # type: ignore[assignment]
+    cfg.optim.lr = lr
+    return cfg
+
+
 def measure(model_name: str, optim_name: str, batch_size: int, steps: int, warmup: int,
             device: Any, stats_every: int = 0, profile: int = 0,
             chunk_mb: float = 0.0, count_ops: bool = False) -> Result:
@@ -130,7 +140,6 @@ def measure(model_name: str, optim_name: str, batch_size: int, steps: int, warmu
     import torch
     import torch.nn.functional as F
 
-    from dgn_dist.config import Config
     from dgn_dist.metrics import curvature_histograms, curvature_scalars
     from dgn_dist.models import build_model
     from dgn_dist.opcount import count_operators
@@ -147,11 +156,7 @@ def measure(model_name: str, optim_name: str, batch_size: int, steps: int, warmu
     probe.start()
     torch.manual_seed(0)
     shape = INPUT_SHAPES.get(model_name, DEFAULT_SHAPE)
-    cfg = Config()
-    cfg.model.name = model_name  # type: ignore[assignment]
-    cfg.optim.name, info = VARIANTS.get(optim_name, (optim_name, cfg.game.info))  # type: ignore[assignment]
-    cfg.game.info = info  # type: ignore[assignment]
-    cfg.optim.lr = 0.01
+    cfg = bench_config(model_name, optim_name, lr=0.01)
     cfg.logging.curvature_every = stats_every
     cfg.curvature.chunk_mb = chunk_mb
     model = build_model(cfg.model, shape, NUM_CLASSES).to(device)

@@ -31,9 +31,8 @@ from dgn_dist.bench import (
     MODEL_CHOICES,
     NUM_CLASSES,
     OPTIM_CHOICES,
-    VARIANTS,
+    bench_config,
 )
-from dgn_dist.config import Config
 from dgn_dist.models import build_model
 from dgn_dist.optim import build_optimizer
 
@@ -43,14 +42,11 @@ DIVERGED = 1e3
 
 
 def run_steps(model_name: str, optim_name: str, device: torch.device, steps: int,
-              batch_size: int) -> list[torch.Tensor]:
+              batch_size: int, chunk_mb: float = 0.0) -> list[torch.Tensor]:
     """The parameters (on the CPU) after ``steps`` float64 steps on ``device``."""
     shape = INPUT_SHAPES.get(model_name, DEFAULT_SHAPE)
-    cfg = Config()
-    cfg.model.name = model_name  # type: ignore[assignment]
-    cfg.optim.name, info = VARIANTS.get(optim_name, (optim_name, cfg.game.info))  # type: ignore[assignment]
-    cfg.game.info = info  # type: ignore[assignment]
-    cfg.optim.lr = 0.05
+    cfg = bench_config(model_name, optim_name, lr=0.05)
+    cfg.curvature.chunk_mb = chunk_mb
     # A stale eigenbasis (inverse_interval > 1) of a rank-deficient Kronecker factor is
     # defined only up to a rotation of its null space, and EKFAC's per-direction scaling of
     # the next batches depends on that rotation: CPU and GPU eigh choose different ones (a

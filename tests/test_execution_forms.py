@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from dgn_dist.dgnopt import dots
 
@@ -47,31 +46,12 @@ def test_auto_form_is_the_matrix_product_on_cpu() -> None:
 
 def _params_after_steps(model_name: str, info: str, steps: int = 2,
                         batch: int = 32, chunk_mb: float = 0.0) -> list[torch.Tensor]:
-    from dgn_dist.bench import INPUT_SHAPES, NUM_CLASSES
-    from dgn_dist.config import Config
-    from dgn_dist.models import build_model
-    from dgn_dist.optim import build_optimizer
+    """Float64 DGNOpt steps with a fresh eigenbasis each step (a stale basis is defined only
+    up to a null-space rotation, see dgn_dist.parity): the step is then well posed."""
+    from dgn_dist.parity import run_steps
 
-    shape = INPUT_SHAPES[model_name]
-    cfg = Config()
-    cfg.model.name = model_name  # type: ignore[assignment]
-    cfg.optim.name = "dgnopt"
-    cfg.game.info = info  # type: ignore[assignment]
-    cfg.optim.lr = 0.05
-    cfg.curvature.chunk_mb = chunk_mb
-    cfg.curvature.inverse_interval = 1  # a stale basis is defined only up to a null-space
-    torch.manual_seed(0)                # rotation (dgn_dist.parity): keep the step well posed
-    model = build_model(cfg.model, shape, NUM_CLASSES).double()
-    optimizer = build_optimizer(cfg, model)
-    g = torch.Generator().manual_seed(1)
-    for _ in range(steps):
-        x = torch.randn(batch, *shape, generator=g, dtype=torch.float64)
-        y = torch.randint(0, NUM_CLASSES, (batch,), generator=g)
-        loss = F.cross_entropy(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return [p.detach().clone() for p in model.parameters()]
+    name = "dgnopt-gr" if info == "gr" else "dgnopt"
+    return run_steps(model_name, name, torch.device("cpu"), steps, batch, chunk_mb=chunk_mb)
 
 
 @pytest.mark.parametrize("model_name,info", [("digits_resnet", "fne"), ("mnist_resnet", "fne"),
