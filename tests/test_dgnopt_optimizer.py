@@ -226,3 +226,24 @@ def test_build_from_config() -> None:
     cfg.curvature.kind = "diag"
     with pytest.raises(ValueError, match="cooperative form"):
         check_config(cfg)
+
+
+def test_cut_graph_skips_the_model_backward_and_changes_nothing() -> None:
+    """The default hook returns the logits as a leaf: ``loss.backward()`` fills no ``.grad``
+    and the steps equal those of a run that back-propagates through the whole model."""
+    runs = {}
+    for full in (False, True):
+        torch.manual_seed(0)
+        model = conv_residual().double()
+        opt = DGNOpt(model, lr=0.1, info="fne", curvature="ekfac", damping=0.1,
+                     full_backward=full)
+        batches = _batches(2, 4, (1, 4, 4))
+        loss = F.cross_entropy(model(batches[0][0]), batches[0][1])
+        opt.zero_grad()
+        loss.backward()
+        filled = [p.grad is not None for p in model.parameters()]
+        assert all(filled) if full else not any(filled)
+        opt.step()
+        _train(model, opt, batches[1:])
+        runs[full] = _params(model)
+    _assert_same(runs[False], runs[True], atol=0.0)

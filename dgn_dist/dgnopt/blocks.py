@@ -369,9 +369,14 @@ class KronBlock(FactorBlock):
         if got is not None and got[0] == "squares":  # rank 1: Σ_d P_d² w_d
             assert isinstance(got[1], Tensor)
             squares = got[1].flatten(1)  # [num, d_out * d_in]
-            return rows_dot(squares, weight.to(squares.dtype)).reshape(-1, 1, 1)
-        proj = self.projected(chunk).flatten(2)  # [num, r, d_out * d_in]
-        return sample_inner(proj * weight.to(proj.dtype), proj)
+        else:
+            proj = self.projected(chunk).flatten(2)  # [num, r, d_out * d_in]
+            if chunk.batch.rank > 1 or (got is not None and got[0] == "proj"):
+                return sample_inner(proj * weight.to(proj.dtype), proj)
+            # rank 1, assembled just now (not a kept tensor): square in place, then one
+            # matrix-vector product (a third of the memory traffic of P·w, then <P·w, P>)
+            squares = proj.square_().flatten(1)
+        return rows_dot(squares, weight.to(squares.dtype)).reshape(-1, 1, 1)
 
     def psi_accumulators(self) -> list[Tensor]:
         return [] if self._acc is None else [self._acc]
