@@ -117,6 +117,17 @@ def _linear(call: _Call, t: Tensor | None, dirs: Directions) -> Tensor | None:
     return _affine(call, out, dw, db, lambda w, b: F.linear(call.x, w.to(call.x.dtype), b))
 
 
+def _batch_moments(x: Tensor, dims: list[int], shape: list[int]) -> tuple[Tensor, Tensor]:
+    """Per-channel batch mean and biased variance of ``x`` (channel dimension 1), shaped
+    ``shape``. On the CPU ``batch_norm_update_stats`` (BatchNorm's own one-pass kernel) is
+    about 3x faster than ``var_mean`` over the strided dimensions of an NCHW activation."""
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+        mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
+        return mean.reshape(shape), var.reshape(shape)
+    var, mean = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
+    return mean, var
+
+
 def _batch_norm(call: _Call, t: Tensor | None, dirs: Directions) -> Tensor | None:
     """Per channel, every term is affine in ``ẋ`` and ``x − μ``: ``ẏ = α ẋ + β (x − μ) + β₀``
     (two fused passes over the activation, plus the two batch means of ``ẋ``)."""
@@ -129,7 +140,7 @@ def _batch_norm(call: _Call, t: Tensor | None, dirs: Directions) -> Tensor | Non
     batch_stats = m.training or (m.running_mean is None and m.running_var is None)
     if "inv" not in call.cache:
         if batch_stats:  # F.batch_norm normalises by the biased batch variance
-            var, mean = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
+            mean, var = _batch_moments(x, dims, shape)
         else:
             mean, var = m.running_mean.reshape(shape), m.running_var.reshape(shape)
         call.cache["mean"], call.cache["inv"] = mean, torch.rsqrt(var + m.eps)
