@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dgn_dist.optim.kronecker import (
@@ -107,9 +108,13 @@ def test_single_example_linear_identity() -> None:
     dict(stride=1, padding=2, dilation=2),
     dict(stride=1, padding="same", padding_mode="reflect"),
     dict(stride=2, padding=1, bias=False, padding_mode="circular"),
+    dict(kernel_size=(2, 3), stride=(1, 2), padding=(1, 0)),
+    dict(kernel_size=1, stride=2, bias=False),
+    dict(stride=(2, 1), padding=(0, 1), padding_mode="replicate"),
 ])
 def test_conv_rows_match_autograd(conv_kwargs: dict) -> None:
-    conv = nn.Conv2d(2, 3, 3, **conv_kwargs).to(DT)
+    kwargs = {"kernel_size": 3, **conv_kwargs}
+    conv = nn.Conv2d(2, 3, **kwargs).to(DT)
     x = torch.randn(2, 2, 6, 6, dtype=DT)
     out = conv(x)
     gout = torch.randn_like(out)
@@ -117,6 +122,20 @@ def test_conv_rows_match_autograd(conv_kwargs: dict) -> None:
     a, g = input_rows(conv, x), output_rows(conv, gout)
     assert a.shape[0] == g.shape[0] == 2 * out.shape[2] * out.shape[3]
     torch.testing.assert_close(g.T @ a, grad_to_matrix(conv))
+    # and row by row, F.unfold's layout (example-major, then location; channel, kernel row,
+    # kernel column): the strided fast path must reproduce it exactly
+    if isinstance(conv.padding, str):
+        return
+    if conv.padding_mode == "zeros":
+        ref = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding,
+                       stride=conv.stride)
+    else:
+        ref = F.unfold(F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode),
+                       conv.kernel_size, dilation=conv.dilation, stride=conv.stride)
+    ref = ref.transpose(1, 2).reshape(-1, ref.shape[1])
+    if conv.bias is not None:
+        ref = torch.cat([ref, ref.new_ones(ref.shape[0], 1)], dim=1)
+    assert torch.equal(a, ref)
 
 
 def test_factor_dim_rows_and_per_example_scaling() -> None:
