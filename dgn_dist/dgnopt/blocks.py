@@ -314,10 +314,11 @@ class KronBlock(FactorBlock):
             offset += width
         return out
 
-    def projected(self, chunk: PsiChunk) -> Tensor:
+    def projected(self, chunk: PsiChunk, got: tuple[Kind, Kept] | None = None) -> Tensor:
         """``Q_Gᵀ ψ_{b,i} Q_A`` of the chunk's samples, ``[num, r, d_out, d_in]`` (from what
-        :attr:`kept` holds, else from the rows)."""
-        got = self.kept.get(chunk.start, chunk.stop)
+        :attr:`kept` holds -- ``got``, when the caller already looked it up -- else from the
+        rows)."""
+        got = self.kept.get(chunk.start, chunk.stop) if got is None else got
         if got is not None and got[0] == "proj":
             assert isinstance(got[1], Tensor)
             return got[1]
@@ -370,7 +371,7 @@ class KronBlock(FactorBlock):
             assert isinstance(got[1], Tensor)
             squares = got[1].flatten(1)  # [num, d_out * d_in]
         else:
-            proj = self.projected(chunk).flatten(2)  # [num, r, d_out * d_in]
+            proj = self.projected(chunk, got).flatten(2)  # [num, r, d_out * d_in]
             if chunk.batch.rank > 1 or (got is not None and got[0] == "proj"):
                 return sample_inner(proj * weight.to(proj.dtype), proj)
             # rank 1, assembled just now (not a kept tensor): square in place, then one
