@@ -107,15 +107,19 @@ def test_meta_shapes_match_a_real_trajectory() -> None:
 @pytest.mark.parametrize(("vxx", "curvature"), [("exact", "kfac"), ("empirical", "kfac"),
                                                ("exact", "ekfac"), ("empirical", "ekfac")])
 @pytest.mark.parametrize("info", ["fne", "gr"])
+@pytest.mark.parametrize("rescale", [True, False])
 def test_stream_with_the_current_gain_equals_the_exact_sweep(info: str, vxx: str,
-                                                             curvature: str) -> None:
+                                                             curvature: str,
+                                                             rescale: bool) -> None:
     """stream_stage given THIS step's gain and curvature reproduces sweep_stage's V_x^t and
     U^t micro-batch by micro-batch; finish_stage on the streamed statistics of a solver in
     the same state gives sweep_stage's k and curvature state (so stale_k differs from exact
     only by the stale gain). ``empirical`` (rank 1) takes the shared-forward factor pass,
     ``exact`` (rank 10) the repeated-samples one; with ``ekfac`` both solvers first take one
     identical step, so that the second (no eigenbasis refresh) sums the EKFAC scaling per
-    micro-batch and the stream's Gram reuses those projections."""
+    micro-batch and the stream's Gram reuses those projections. The rows of the
+    micro-batches are kept for finish_stage only where it reads them: here (no BatchNorm,
+    one player per block) only for the rescaling's rows path."""
     game = linear_residual("first") if info == "gr" else _game()
     x = torch.randn(6, 4, dtype=torch.float64) if info == "gr" else \
         torch.randn(6, 1, 4, 4, dtype=torch.float64)
@@ -125,7 +129,7 @@ def test_stream_with_the_current_gain_equals_the_exact_sweep(info: str, vxx: str
     u = (terminal_factors(logits, v_x, vxx),)
     assert (u[0].shape[1] == 1) == (vxx == "empirical")
     opts = SweepOptions(feedback=True, use_factors=True, weight_decay=1e-3, damping=0.1,
-                        decay=0.9, update_factors=True, refresh=True, rescale=True)
+                        decay=0.9, update_factors=True, refresh=True, rescale=rescale)
     t = 2  # the merge stage: state (h, s) in, logits-side state out
     stage = game.stage_list()[t]
     vx_next, u_next = (v_x,), u
@@ -156,6 +160,7 @@ def test_stream_with_the_current_gain_equals_the_exact_sweep(info: str, vxx: str
         stream_stage(stage, fresh, xs, vs, us, [torch.zeros_like(k) for k in sol.k], opts,
                      False, acc2)
     assert bool(acc2.stats.psi_blocks) == (curvature == "ekfac")  # streamed EKFAC sums
+    assert bool(acc2.a) == rescale
     sol2 = finish_stage(stage, fresh, states[t], acc2, opts)
     for a, b in zip(sol2.k, sol.k, strict=True):
         torch.testing.assert_close(a, b)

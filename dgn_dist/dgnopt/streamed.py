@@ -81,8 +81,10 @@ class StreamedStats:
         """Add one micro-batch's statistics of block ``index`` (``num`` examples)."""
         sums = self.sums[index]
         for name, s in stats.items():
-            value = s.value * num if s.mean else s.value
-            sums[name] = (value if name not in sums else sums[name][0] + value, s)
+            if name not in sums:  # an owned copy: later micro-batches add in place
+                sums[name] = (s.value * num if s.mean else s.value.clone(), s)
+            else:  # in place: a layer4 ``A`` is 4608² floats, a fresh sum per add cost 1 s
+                sums[name][0].add_(s.value, alpha=num if s.mean else 1)
 
     def stats(self) -> list[dict[str, Stat]]:
         """The whole batch's statistics in :meth:`Block.batch_stats` form."""

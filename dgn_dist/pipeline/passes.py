@@ -29,7 +29,14 @@ import torch
 from torch import Tensor
 
 from dgn_dist.dgnopt.autodiff import vjp
-from dgn_dist.dgnopt.blocks import StageBatch
+from dgn_dist.dgnopt.baselines import AdamBlock, TorchRmsBlock
+from dgn_dist.dgnopt.blocks import (
+    GNDiagBlock,
+    IdentityBlock,
+    KronBlock,
+    RmsDiagBlock,
+    StageBatch,
+)
 from dgn_dist.dgnopt.capture import PlayerTap, contract_factors, leaves
 from dgn_dist.dgnopt.gains import NonFiniteUpdate, StageSolver
 from dgn_dist.dgnopt.reduction import Reducer
@@ -37,6 +44,7 @@ from dgn_dist.dgnopt.streamed import StreamedStats
 from dgn_dist.dgnopt.sweep import (
     StageSolution,
     SweepOptions,
+    _couples_samples,
     _factor_pass,
     _refactor,
     rescale_gains,
@@ -51,8 +59,8 @@ class StreamedStage:
     """What :func:`stream_stage` accumulated at one stage over the micro-batches."""
 
     q_theta: list[Tensor] | None = None
-    a: list[list[Tensor]] = field(default_factory=list)
-    g: list[list[Tensor]] = field(default_factory=list)
+    a: list[list[Tensor | None]] = field(default_factory=list)  # rows finish_stage reads
+    g: list[list[Tensor | None]] = field(default_factory=list)
     u_next: list[State] = field(default_factory=list)
     rank: int = 1
     num: int = 0
@@ -104,12 +112,14 @@ def stream_stage(stage: Stage, solver: StageSolver, x_t: State, vx_next: State,
         w = _factor_pass(stage, views, x_t, u_next, batch, tap, need_value,
                          shared=(out, xs) if share else None,
                          retain_graph=share and need_value and not plain)
-        acc.a.append(batch.a)  # type: ignore[arg-type]
-        acc.g.append(batch.g)  # type: ignore[arg-type]
         acc.u_next.append(tuple(u.detach() for u in u_next))
         # The curvature statistics add up while the micro-batches stream (not at the end).
         solver.accumulate(acc.stats, batch, update_factors=opts.update_factors,
                           refresh=opts.refresh, keep_projections=need_value and opts.feedback)
+        keep = _rows_finish_reads(stage, solver, acc, opts)  # the others die with the batch
+        if keep:
+            acc.a.append([a if n in keep else None for n, a in enumerate(batch.a)])
+            acc.g.append([g if n in keep else None for n, g in enumerate(batch.g)])
     acc.rank, acc.num = batch.rank, acc.num + batch.num
     u_t: State | None = None
     if need_value and opts.feedback:
@@ -130,9 +140,33 @@ def stream_stage(stage: Stage, solver: StageSolver, x_t: State, vx_next: State,
     return vx_t, u_t
 
 
-def _cat(parts: list[list[Tensor]], n: int) -> Tensor | None:
-    rows = [p[n] for p in parts if p[n] is not None]
+def _cat(parts: list[list[Tensor | None]], n: int) -> Tensor | None:
+    rows = [row for row in (p[n] for p in parts) if row is not None]
     return torch.cat(rows) if rows else None
+
+
+#: Blocks whose :meth:`~dgn_dist.dgnopt.blocks.Block.update` reads no rows once their batch
+#: statistics streamed (the others -- cooperative pairs, copy-coupled blocks -- keep theirs).
+_STREAMABLE = (KronBlock, GNDiagBlock, IdentityBlock, RmsDiagBlock, TorchRmsBlock, AdamBlock)
+
+
+def _rows_finish_reads(stage: Stage, solver: StageSolver, acc: StreamedStage,
+                       opts: SweepOptions) -> set[int]:
+    """The players whose rows :func:`finish_stage` reads over the whole batch (known once the
+    first micro-batch started ``acc.stats``): every player for the rescaling's per-sample
+    rows path; else the members of blocks whose per-sample sums did not stream (an eigenbasis
+    refresh) or that are not :data:`_STREAMABLE`. :func:`stream_stage` keeps only those: on
+    ResNet-18's first stages, keeping and joining a convolution's input rows (``9×`` its
+    input activation, per micro-batch) cost 0.5 s of the critical path and their memory."""
+    if (opts.rescale and not _couples_samples(stage)) or not acc.stats.sums:
+        return set(range(len(solver.views)))
+    keep: set[int] = set()
+    for i, blk in enumerate(solver.blocks):
+        psi_due = opts.update_factors and (blk.mode == "ekfac" if isinstance(blk, KronBlock)
+                                           else blk.needs_psi)
+        if not isinstance(blk, _STREAMABLE) or (psi_due and i not in acc.stats.psi_blocks):
+            keep.update(blk.members)
+    return keep
 
 
 def finish_stage(stage: Stage, solver: StageSolver, x_t: State, acc: StreamedStage,
