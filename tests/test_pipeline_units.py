@@ -9,8 +9,9 @@ from dgnopt_helpers import conv_residual, linear_residual
 from torch import nn
 
 from dgn_dist.config.schema import Config
-from dgn_dist.dgnopt.capture import frozen_batchnorm
+from dgn_dist.dgnopt.capture import PlayerTap, frozen_batchnorm
 from dgn_dist.dgnopt.gains import StageSolver
+from dgn_dist.dgnopt.streamed import input_blocks_due
 from dgn_dist.dgnopt.sweep import SweepOptions, sweep_stage
 from dgn_dist.dgnopt.terminal import terminal_factors
 from dgn_dist.distributed.validate import DistributedSetupError
@@ -108,9 +109,10 @@ def test_meta_shapes_match_a_real_trajectory() -> None:
                                                ("exact", "ekfac"), ("empirical", "ekfac")])
 @pytest.mark.parametrize("info", ["fne", "gr"])
 @pytest.mark.parametrize("rescale", [True, False])
+@pytest.mark.parametrize("inputs", ["stream", "finish", "forward"])
 def test_stream_with_the_current_gain_equals_the_exact_sweep(info: str, vxx: str,
-                                                             curvature: str,
-                                                             rescale: bool) -> None:
+                                                             curvature: str, rescale: bool,
+                                                             inputs: str) -> None:
     """stream_stage given THIS step's gain and curvature reproduces sweep_stage's V_x^t and
     U^t micro-batch by micro-batch; finish_stage on the streamed statistics of a solver in
     the same state gives sweep_stage's k and curvature state (so stale_k differs from exact
@@ -119,7 +121,10 @@ def test_stream_with_the_current_gain_equals_the_exact_sweep(info: str, vxx: str
     identical step, so that the second (no eigenbasis refresh) sums the EKFAC scaling per
     micro-batch and the stream's Gram reuses those projections. The rows of the
     micro-batches are kept for finish_stage only where it reads them: here (no BatchNorm,
-    one player per block) only for the rescaling's rows path."""
+    one player per block) only for the rescaling's rows path. ``inputs``: where the
+    Kronecker ``A`` is summed -- in the stream; in finish_stage from the kept input rows (the
+    last rank); from the forward pass's taps, queued as the first ranks do and here run only
+    after every micro-batch streamed (the latest a wait of the sweep can leave them)."""
     game = linear_residual("first") if info == "gr" else _game()
     x = torch.randn(6, 4, dtype=torch.float64) if info == "gr" else \
         torch.randn(6, 1, 4, 4, dtype=torch.float64)
@@ -154,13 +159,23 @@ def test_stream_with_the_current_gain_equals_the_exact_sweep(info: str, vxx: str
     for i in range(len(vx_t)):
         torch.testing.assert_close(torch.cat([s[0][i] for s in streamed]), vx_t[i])
         torch.testing.assert_close(torch.cat([s[1][i] for s in streamed]), u_t[i])
-    acc2 = StreamedStage()
+    acc2 = StreamedStage(defer_inputs=inputs == "finish")
+    if inputs == "forward":  # marked when queued, as Shard.forward does
+        acc2.stats.input_blocks |= input_blocks_due(fresh.blocks, opts.update_factors)
     for xs, vs, us in zip(split_rows(states[t], sizes), split_rows(vx_next, sizes),
                           split_rows(u_next, sizes), strict=True):
         stream_stage(stage, fresh, xs, vs, us, [torch.zeros_like(k) for k in sol.k], opts,
                      False, acc2)
     assert bool(acc2.stats.psi_blocks) == (curvature == "ekfac")  # streamed EKFAC sums
     assert bool(acc2.a) == rescale
+    assert bool(acc2.inputs) == (inputs == "finish")
+    assert bool(acc2.stats.input_blocks) == (inputs != "stream")
+    if inputs == "forward":
+        for xs in split_rows(states[t], sizes):
+            with torch.no_grad(), PlayerTap([v.player for v in fresh.views]) as tap:
+                stage(xs)
+            fresh.accumulate_inputs(acc2.stats, tap, xs[0].shape[0],
+                                    update_factors=opts.update_factors, refresh=opts.refresh)
     sol2 = finish_stage(stage, fresh, states[t], acc2, opts)
     for a, b in zip(sol2.k, sol.k, strict=True):
         torch.testing.assert_close(a, b)

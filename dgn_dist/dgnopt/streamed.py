@@ -95,6 +95,13 @@ class StreamedStats:
         return out
 
 
+def input_blocks_due(blocks: list[Block], update_factors: bool) -> set[int]:
+    """Indices of the Kronecker blocks (not inside cooperative pairs) whose ``A`` statistics
+    are due this step: what :func:`add_input_stats` sums, given every member's rows."""
+    return {i for i, b in enumerate(blocks) if isinstance(b, KronBlock)
+            and (update_factors or b.factor.A is None)}
+
+
 def add_input_stats(acc: StreamedStats, blocks: list[Block], a_rows: dict[int, Tensor],
                     num: int, *, update_factors: bool, refresh: bool, finite: bool) -> None:
     """Add one micro-batch's ``A`` statistics, from the forward pass, of the Kronecker
@@ -102,9 +109,10 @@ def add_input_stats(acc: StreamedStats, blocks: list[Block], a_rows: dict[int, T
     (by player index)."""
     if not acc.begin_micro_batch(blocks, update_factors, refresh, finite):
         return
-    for i, block in enumerate(blocks):
-        if isinstance(block, KronBlock) and all(n in a_rows for n in block.members) and (
-                update_factors or block.factor.A is None):
+    for i in sorted(input_blocks_due(blocks, update_factors)):
+        block = blocks[i]
+        assert isinstance(block, KronBlock)
+        if all(n in a_rows for n in block.members):
             acc.add(i, block.input_stats([a_rows[n] for n in block.members]), num)
             acc.input_blocks.add(i)
 

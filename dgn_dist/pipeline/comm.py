@@ -15,8 +15,9 @@ content is needed (sends: at the end of the pass), so computation overlaps the t
 from __future__ import annotations
 
 import copy
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,8 +100,34 @@ class Link:
         if ops:
             self._pending.append((dist.batch_isend_irecv(ops), bufs))
 
-    def wait(self, handle: Any) -> None:
-        """Block until a posted receive has arrived."""
+    def wait(self, handle: Any, idle: list[Callable[[], None]] | None = None) -> None:
+        """Block until a posted receive has arrived. With ``idle`` tasks, run them (popped
+        from the front) until it has: a watcher thread waits for the message meanwhile (gloo
+        has no polling: ``Work.is_completed`` stays false until someone waits, and the wait
+        releases the GIL)."""
+        if idle:
+            arrived = threading.Event()
+            errors: list[BaseException] = []
+
+            def watch() -> None:
+                try:
+                    for work in handle:
+                        work.wait()
+                except BaseException as err:  # re-raised in the caller's thread below
+                    errors.append(err)
+                finally:
+                    arrived.set()
+
+            watcher = threading.Thread(target=watch, name="pipeline-recv", daemon=True)
+            watcher.start()
+            while idle and not arrived.is_set():
+                idle.pop(0)()
+            start = time.perf_counter()
+            watcher.join()
+            self.waited += time.perf_counter() - start
+            if errors:
+                raise errors[0]
+            return
         start = time.perf_counter()
         for work in handle:
             work.wait()

@@ -40,7 +40,7 @@ from dgn_dist.dgnopt.blocks import (
 from dgn_dist.dgnopt.capture import PlayerTap, contract_factors, leaves
 from dgn_dist.dgnopt.gains import NonFiniteUpdate, StageSolver
 from dgn_dist.dgnopt.reduction import Reducer
-from dgn_dist.dgnopt.streamed import StreamedStats
+from dgn_dist.dgnopt.streamed import StreamedStats, add_input_stats, input_blocks_due
 from dgn_dist.dgnopt.sweep import (
     StageSolution,
     SweepOptions,
@@ -56,7 +56,15 @@ from dgn_dist.game.core import Stage, State
 
 @dataclass
 class StreamedStage:
-    """What :func:`stream_stage` accumulated at one stage over the micro-batches."""
+    """What :func:`stream_stage` accumulated at one stage over the micro-batches.
+
+    Attributes:
+        defer_inputs: sum the Kronecker ``A`` statistics in :func:`finish_stage`, from the
+            micro-batches' input rows kept in ``inputs``, instead of while they stream. The
+            last pipeline rank does this: its stream is on the step's critical path, while
+            its ``finish_stage`` runs as the earlier ranks drain (the ranks before it sum
+            ``A`` in the forward pass instead, :meth:`~dgn_dist.pipeline.schedule.Shard.forward`).
+    """
 
     q_theta: list[Tensor] | None = None
     a: list[list[Tensor | None]] = field(default_factory=list)  # rows finish_stage reads
@@ -65,6 +73,8 @@ class StreamedStage:
     rank: int = 1
     num: int = 0
     stats: StreamedStats = field(default_factory=StreamedStats)
+    defer_inputs: bool = False
+    inputs: dict[int, list[Tensor]] = field(default_factory=dict)  # player -> rows per mb
 
 
 def stream_stage(stage: Stage, solver: StageSolver, x_t: State, vx_next: State,
@@ -113,6 +123,11 @@ def stream_stage(stage: Stage, solver: StageSolver, x_t: State, vx_next: State,
                          shared=(out, xs) if share else None,
                          retain_graph=share and need_value and not plain)
         acc.u_next.append(tuple(u.detach() for u in u_next))
+        if acc.defer_inputs:  # only G streams for these blocks; A follows in finish_stage
+            deferred = input_blocks_due(solver.blocks, opts.update_factors)
+            acc.stats.input_blocks |= deferred
+            for n in (n for i in deferred for n in solver.blocks[i].members):
+                acc.inputs.setdefault(n, []).append(batch.a[n])  # type: ignore[arg-type]
         # The curvature statistics add up while the micro-batches stream (not at the end).
         solver.accumulate(acc.stats, batch, update_factors=opts.update_factors,
                           refresh=opts.refresh, keep_projections=need_value and opts.feedback)
@@ -181,6 +196,11 @@ def finish_stage(stage: Stage, solver: StageSolver, x_t: State, acc: StreamedSta
         NonFiniteUpdate: a statistic or the gain is not finite.
     """
     views = solver.views
+    if acc.inputs:  # deferred A: one product over the whole batch's rows
+        add_input_stats(acc.stats, solver.blocks,
+                        {n: torch.cat(parts) for n, parts in acc.inputs.items()}, acc.num,
+                        update_factors=opts.update_factors, refresh=opts.refresh, finite=True)
+        acc.inputs.clear()
     q_theta = list(acc.q_theta or [])
     opts.reducer.reduce(q_theta, "grad")
     if opts.weight_decay:
@@ -199,7 +219,9 @@ def finish_stage(stage: Stage, solver: StageSolver, x_t: State, acc: StreamedSta
     if opts.rescale and u_next is not None and views:
         k, _ = rescale_gains(stage, solver, x_t, q_theta, k, u_next, opts.reducer,
                              batch=batch, need_jk=False)  # rows path: one JVP
-    if k and not bool(torch.stack([torch.isfinite(kn).all() for kn in k]).all()):
+    # Agreed over the dp replicas: they then all skip the update pass's reductions together.
+    if not opts.reducer.agree(not k or bool(torch.stack([torch.isfinite(kn).all()
+                                                        for kn in k]).all())):
         raise NonFiniteUpdate(f"non-finite open gain at stage {stage.name}")
     return StageSolution(k=k, u_next=u_next, q_theta=q_theta)
 
@@ -215,9 +237,9 @@ class RangeUpdate:
 
 
 def update_range(stages: Sequence[Stage], solvers: Sequence[StageSolver],
-                 states: Sequence[State], solutions: Sequence[StageSolution],
+                 states: Sequence[State], solutions: Sequence[StageSolution] | None,
                  x_new: State, dx: State | None, *, lr: float, feedback_scale: float,
-                 feedback: bool, reducer: Reducer) -> RangeUpdate:
+                 feedback: bool, reducer: Reducer, ok: bool = True) -> RangeUpdate:
     """The update pass (Alg. 1 lines 8-12) over consecutive stages ``t0 … t1-1``.
 
     Args:
@@ -227,6 +249,8 @@ def update_range(stages: Sequence[Stage], solvers: Sequence[StageSolver],
         dx: ``δX_t0`` (``None`` at the game's first stage, where it is 0).
         lr, feedback_scale, feedback, reducer: as in
             :func:`dgn_dist.dgnopt.update_pass.update_pass`.
+        ok: ``False`` (this range's sweep failed; ``solutions`` may be ``None``): change
+            nothing and return NaN, as after a non-finite step.
 
     Returns:
         ``X'_t1``, ``δX_t1``, whether every step was finite (a non-finite step is not applied,
@@ -234,10 +258,12 @@ def update_range(stages: Sequence[Stage], solvers: Sequence[StageSolver],
         and the backups of the parameters changed (for a collective roll-back).
     """
     backups: list[tuple[Tensor, Tensor]] = []
-    finite = dx is None or all(bool(torch.isfinite(d).all()) for d in dx)
-    for t, (stage, solver, sol) in enumerate(zip(stages, solvers, solutions, strict=True)):
+    finite = ok and (dx is None or all(bool(torch.isfinite(d).all()) for d in dx))
+    for t, (stage, solver) in enumerate(zip(stages, solvers, strict=True)):
         views = solver.views
         if finite:
+            assert solutions is not None
+            sol = solutions[t]
             kdx = feedback_term(stage, solver, states[t], dx, sol.u_next, reducer)[0] \
                 if feedback and feedback_scale != 0.0 and dx is not None and \
                 sol.u_next is not None else None

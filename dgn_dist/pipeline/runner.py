@@ -197,29 +197,42 @@ class PipelineRunner:
         qnorm = 0.0 if sols is None else sum(float(q.double().pow(2).sum())
                                              for s in sols for q in s.q_theta)
         term = sh.terminal if sh.next is None else None
-        loss_sum, correct, count, failed, qnorm = self._allreduce(
-            [term.loss_sum if term else 0.0, term.correct if term else 0,
-             term.count if term else 0, float(sols is None), qnorm])
+        shared = [term.loss_sum if term else 0.0, term.correct if term else 0,
+                  term.count if term else 0, float(sols is None), qnorm]
+        # Gradient clipping needs the global ‖Q_θ‖ before any update, so the ranks agree after
+        # the sweep. Otherwise that agreement joins the update's: a barrier here would hold
+        # the first ranks until the last rank's finish_stage is done, although their update
+        # pass needs nothing from it. A rank whose sweep failed then sends NaN δX on (every
+        # later rank fails its update too) and every rank restores its parameters below.
+        early = self.grad_clip > 0
+        failed = bad = 0.0
+        if early:
+            loss_sum, correct, count, failed, qnorm = self._allreduce(shared)
         self._times["sweep"] += time.perf_counter() - tock
         tock = time.perf_counter()
         self._steps += 1
-        result = StepResult(loss_sum / max(count, 1), int(correct), int(count))
-        if failed:
-            self._skip("non-finite loss gradient, statistic or gain")
-            return StepResult(result.loss, result.correct, result.count, True)
         lr = float(group["lr"])
         if self.grad_clip > 0:
             lr *= min(1.0, self.grad_clip / max((qnorm / self.dims.dp) ** 0.5, 1e-30))
-        assert sols is not None
-        with frozen_batchnorm(self.game):
-            res = sh.update(traj, sols, sizes, specs, lr=lr,
-                            feedback_scale=float(group["feedback_scale"]))
-        (bad,) = self._allreduce([float(not res.finite)])
+        res = None
+        if not failed:
+            with frozen_batchnorm(self.game):
+                res = sh.update(traj, sols, sizes, specs, lr=lr,
+                                feedback_scale=float(group["feedback_scale"]))
+            if early:
+                (bad,) = self._allreduce([float(not res.finite)])
+            else:
+                loss_sum, correct, count, failed, _, bad = self._allreduce(
+                    [*shared, float(not res.finite)])
         self._times["update"] += time.perf_counter() - tock
-        if bad:
-            restore(res.backups)
-            self._skip("non-finite update")
+        result = StepResult(loss_sum / max(count, 1), int(correct), int(count))
+        if failed or bad:
+            if res is not None:
+                restore(res.backups)
+            self._skip("non-finite loss gradient, statistic or gain" if failed
+                       else "non-finite update")
             return StepResult(result.loss, result.correct, result.count, True)
+        assert sols is not None
         sh.k_prev = [s.k for s in sols]
         group["dgn_step"] += 1
         return result

@@ -22,8 +22,9 @@ shapes, so every rank downstream fails the same step and the runner skips it col
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +33,7 @@ from torch import Tensor
 from dgn_dist.dgnopt.capture import PlayerTap
 from dgn_dist.dgnopt.gains import NonFiniteUpdate, StageSolver
 from dgn_dist.dgnopt.reduction import Reducer
-from dgn_dist.dgnopt.streamed import StreamedStats
+from dgn_dist.dgnopt.streamed import StreamedStats, input_blocks_due
 from dgn_dist.dgnopt.sweep import StageSolution, SweepOptions, sweep_stage
 from dgn_dist.dgnopt.terminal import terminal_factors
 from dgn_dist.game.core import Stage, State
@@ -80,6 +81,8 @@ class Shard:
     dp: int
     k_prev: list[list[Tensor]] | None = None
     terminal: Terminal = field(default_factory=Terminal)
+    #: The forward pass's ``A`` statistics, not yet summed: run while the sweep waits.
+    input_tasks: list[Callable[[], None]] = field(default_factory=list)
 
     # -- forward -----------------------------------------------------------------------
     def forward(self, x: Tensor | None, sizes: Sequence[int], specs: dict[int, Specs],
@@ -117,14 +120,25 @@ class Shard:
                 if self.next is not None:
                     self.link.send(state, self.next, kind)
         self.link.flush()
-        # After every micro-batch has been sent on: the next rank is not kept waiting.
-        for i, tap, num in taps:
-            self.solvers[i].accumulate_inputs(
-                input_stats[i], tap, num,  # type: ignore[index]
-                update_factors=step % self.opts.factor_interval == 0,
-                refresh=step % self.opts.inverse_interval == 0)
+        # Queued, not run: the sweep runs them while it waits for the later ranks
+        # (:meth:`_idle_tasks`), so neither the next rank nor this rank's sweep waits for them.
+        # The blocks are marked now: the sweep then adds only their G, whether or not their
+        # A has been summed by the time it reaches them.
+        due = step % self.opts.factor_interval == 0
+        if input_stats is not None:
+            for i, solver in enumerate(self.solvers):
+                input_stats[i].input_blocks |= input_blocks_due(solver.blocks, due)
+        self.input_tasks = [partial(
+            self.solvers[i].accumulate_inputs, input_stats[i], tap, num,  # type: ignore[index]
+            update_factors=due, refresh=step % self.opts.inverse_interval == 0)
+            for i, tap, num in taps]
         assert len(traj[0]) == t1 - self.t0 + 1
         return traj
+
+    def _finish_input_tasks(self) -> None:
+        """Run the ``A`` statistics the waits of the sweep left over (before they are read)."""
+        while self.input_tasks:
+            self.input_tasks.pop(0)()
 
     # -- backward sweep ----------------------------------------------------------------
     def _terminal(self, logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor | None, bool]:
@@ -204,11 +218,12 @@ class Shard:
         if self.next is not None:
             msgs = []
             for bufs, handle in recvs:
-                self.link.wait(handle)
+                self.link.wait(handle, idle=self.input_tasks)
                 msgs.append(self._unpack(bufs))
             vx: State = cat_rows([m[0] for m in msgs])
             u_in = cat_rows([m[1] for m in msgs]) if self.opts.use_factors else None  # type: ignore[misc]
             terminal = (vx, u_in)
+        self._finish_input_tasks()
         assert terminal is not None
         vx_t, u_t = terminal
         solutions: list[StageSolution] = [None] * len(self.stages)  # type: ignore[list-item]
@@ -219,8 +234,9 @@ class Shard:
                 sol, vx_prev, u_prev = sweep_stage(self.stages[i], self.solvers[i], full[i],
                                                    vx_t, u_t, opts, need_value=self.t0 + i > 0,
                                                    streamed=sums[i])
-                if sol.k and not bool(torch.stack([torch.isfinite(k).all()
-                                                   for k in sol.k]).all()):
+                # agreed over the dp replicas (they skip the update's reductions together)
+                if not self.reducer.agree(not sol.k or bool(torch.stack(
+                        [torch.isfinite(k).all() for k in sol.k]).all())):
                     raise NonFiniteUpdate(f"non-finite open gain at stage {self.stages[i].name}")
                 solutions[i] = sol
                 if vx_prev is not None:
@@ -239,7 +255,10 @@ class Shard:
                 sums: list[StreamedStats | None]) -> list[StageSolution] | None:
         """``stale_k``: propagate each micro-batch on arrival, then solve the fresh gains."""
         assert self.k_prev is not None
-        accs = [StreamedStage() if s is None else StreamedStage(stats=s) for s in sums]
+        # Without the forward's A sums (the last rank) A waits for finish_stage: off the
+        # critical path, which runs through this rank's stream.
+        accs = [StreamedStage(defer_inputs=True) if s is None else StreamedStage(stats=s)
+                for s in sums]
         if terminal is not None:
             tv = split_rows(terminal[0], sizes)
             tu = split_rows(terminal[1], sizes) if terminal[1] is not None else None
@@ -250,7 +269,7 @@ class Shard:
                 u_t: State | None = tu[m] if tu is not None else None
             else:
                 bufs, handle = recvs[m]
-                self.link.wait(handle)
+                self.link.wait(handle, idle=self.input_tasks)
                 vx_t, u_t = self._unpack(bufs)
             # A NaN message means a later rank failed this step: pass the news on.
             failed = failed or not all(bool(torch.isfinite(t).all())
@@ -268,8 +287,10 @@ class Shard:
                 self.link.send([*vx_t, *(u_t or ())], self.prev, "sweep")
         solutions: list[StageSolution] = [None] * len(self.stages)  # type: ignore[list-item]
         if failed:
+            self.input_tasks.clear()
             self.link.flush()
             return None
+        self._finish_input_tasks()
         try:
             for i in reversed(range(len(self.stages))):
                 solutions[i] = finish_stage(self.stages[i], self.solvers[i], full[i], accs[i],
@@ -281,10 +302,12 @@ class Shard:
         return solutions
 
     # -- update pass -------------------------------------------------------------------
-    def update(self, traj: list[list[State]], solutions: list[StageSolution],
+    def update(self, traj: list[list[State]], solutions: list[StageSolution] | None,
                sizes: Sequence[int], specs: dict[int, Specs], *, lr: float,
                feedback_scale: float) -> RangeUpdate:
-        """Apply the update over the range; receives ``δX_t0``, sends ``δX_t1``."""
+        """Apply the update over the range; receives ``δX_t0``, sends ``δX_t1``.
+        ``solutions=None`` (this rank's sweep failed): nothing changes and NaN ``δX`` goes
+        on, so that every later rank fails its update too."""
         full = [cat_rows([tr[i] for tr in traj]) for i in range(len(self.stages) + 1)]
         dx: State | None = None
         x_new = full[0]
@@ -296,7 +319,7 @@ class Shard:
             x_new = tuple(a + d for a, d in zip(full[0], dx, strict=True))
         res = _update_range(self.stages, self.solvers, full, solutions, x_new, dx, lr=lr,
                             feedback_scale=feedback_scale, feedback=self.opts.feedback,
-                            reducer=self.reducer)
+                            reducer=self.reducer, ok=solutions is not None)
         if self.next is not None:
             for part in split_rows(res.dx, sizes):
                 self.link.send(part, self.next, "update")
