@@ -271,3 +271,42 @@ def test_non_finite_batch_skips_the_step_on_every_rank(mode: str, world: int) ->
     for flags, damping, finite in run_distributed(_nan_step, world, mode, timeout=120):
         assert flags == [True, True, True] and finite
         assert damping == pytest.approx(BASE["damping"] * 10)
+
+
+def _last_rank_gain_fails(rank: int, world: int) -> tuple[list[bool], float]:
+    import dgn_dist.pipeline.schedule as schedule
+    from dgn_dist.dgnopt.gains import NonFiniteUpdate
+
+    runner, dims = _runner(rank, world, "conv", {**BASE, "info": "fne"}, 2, 2, "stale_k", "2,2")
+    xs, ys = _data("conv")
+    pp_rank, dp_rank = dims.coords(rank)
+    local = slice(dp_rank * B // dims.dp, (dp_rank + 1) * B // dims.dp)
+    runner.train_step(xs[0][local], ys[0][local])  # step 0 runs exact: k_prev for step 1
+    before = runner.full_state_dict()
+    real = schedule.finish_stage
+
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        raise NonFiniteUpdate("injected: non-finite open gain")
+
+    if pp_rank == 1:  # only the last rank's fresh gain fails; its messages had all gone out
+        schedule.finish_stage = failing  # type: ignore[assignment]
+    try:
+        with pytest.warns(RuntimeWarning, match="skipped step 1"):
+            skipped = runner.train_step(xs[1][local], ys[1][local]).skipped
+    finally:
+        schedule.finish_stage = real  # type: ignore[assignment]
+    after = runner.full_state_dict()
+    same = all(torch.equal(before[k], after[k]) for k in before)
+    ok = not runner.train_step(xs[2][local], ys[2][local]).skipped
+    return [skipped, same, ok], runner.optimizer.param_groups[0]["damping"]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_last_rank_failing_after_the_stream_rolls_back_every_rank(world: int) -> None:
+    """stale_k without gradient clipping has no barrier between the sweep and the update
+    pass: the first rank updates while the last one still solves its gains. When that solve
+    fails, every rank (and dp replica) learns it in the update's reduction, restores its
+    parameters, raises the damping and trains on with the next step."""
+    for flags, damping in run_distributed(_last_rank_gain_fails, world, timeout=120):
+        assert flags == [True, True, True]
+        assert damping == pytest.approx(BASE["damping"] * 10)
