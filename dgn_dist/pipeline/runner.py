@@ -179,9 +179,9 @@ class PipelineRunner:
             if self.opts.use_factors else 0
         self.game.train()
         tick = time.perf_counter()
-        # Ranks before the last sum the Kronecker A statistics in the forward pass: they
-        # would otherwise wait there for the later ranks' sweep (it costs a second im2col,
-        # so the last rank -- and one process -- keep them in the sweep).
+        # Ranks before the last take the Kronecker A statistics from the forward pass and sum
+        # them while their sweep waits for the later ranks (Shard.forward); the last rank --
+        # and one process -- keep them in the sweep (stale_k: in finish_stage).
         sums = [StreamedStats() for _ in sh.stages] if sh.next is not None and \
             self.opts.use_factors and self.opts.curvature in ("kfac", "ekfac") else None
         traj = sh.forward(x if sh.prev is None else None, sizes, specs, input_stats=sums,

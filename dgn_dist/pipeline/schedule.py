@@ -90,9 +90,10 @@ class Shard:
                 step: int = 0) -> list[list[State]]:
         """GPipe forward over the micro-batches; returns ``traj[m][i] = X_{t0+i}``.
 
-        ``input_stats`` (training, one per stage): sum the Kronecker ``A`` statistics of
-        step ``step`` here, while the micro-batches go forward -- on the first ranks this
-        runs while the later ranks still compute, instead of in the backward sweep."""
+        ``input_stats`` (training, one per stage): the Kronecker ``A`` statistics of step
+        ``step`` come from this forward's player inputs. They are queued in
+        :attr:`input_tasks`, which the sweep runs while it waits for the later ranks (and
+        finishes before it reads them), instead of computing them from a second im2col."""
         t1 = self.t0 + len(self.stages)
         recvs = [self.link.recv(specs[s][self.t0], self.prev, kind) for s in sizes] \
             if self.prev is not None else []
@@ -120,8 +121,9 @@ class Shard:
                 if self.next is not None:
                     self.link.send(state, self.next, kind)
         self.link.flush()
-        # Queued, not run: the sweep runs them while it waits for the later ranks
-        # (:meth:`_idle_tasks`), so neither the next rank nor this rank's sweep waits for them.
+        # Queued, not run: the sweep runs them while it waits for the later ranks' messages
+        # (``Link.wait(..., idle=...)``), so neither the next rank nor this rank's sweep
+        # waits for them.
         # The blocks are marked now: the sweep then adds only their G, whether or not their
         # A has been summed by the time it reaches them.
         due = step % self.opts.factor_interval == 0
