@@ -76,6 +76,7 @@ def _run(cfg: Config, print_game: bool) -> int:
     from dgn_dist.checkpoint import CheckpointError
     from dgn_dist.data import DataError
     from dgn_dist.device import DeviceError
+    from dgn_dist.dgnopt.skips import TrainingDiverged
 
     try:
         if print_game:
@@ -88,6 +89,9 @@ def _run(cfg: Config, print_game: bool) -> int:
     except (DataError, CheckpointError, ConfigError, DeviceError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except TrainingDiverged as err:  # the checkpoints written so far are kept
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

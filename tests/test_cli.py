@@ -166,3 +166,18 @@ def test_bench_counts_operators(tmp_path: Path, capsys: pytest.CaptureFixture[st
 
     x = torch.ones(3)
     assert count_operators(lambda: (x + 1) * 2) == 2
+
+
+def test_diverged_run_exits_1_with_what_to_change(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    import dgn_dist.trainer
+    from dgn_dist.dgnopt.skips import TrainingDiverged
+
+    def diverge(cfg: object) -> None:
+        raise TrainingDiverged("DGNOpt skipped step 7 (...): the run has diverged. Restart "
+                               "from a checkpoint with a lower optim.lr")
+
+    monkeypatch.setattr(dgn_dist.trainer, "train", diverge)
+    assert main(["--config", SMOKE, f"run.dir={tmp_path}"]) == 1
+    err = capsys.readouterr().err
+    assert "error: DGNOpt skipped step 7" in err and "lower optim.lr" in err

@@ -13,6 +13,7 @@ from torch import nn
 
 from dgn_dist.config.schema import Config
 from dgn_dist.dgnopt import DGNOpt, build_dgnopt, check_config
+from dgn_dist.dgnopt.skips import MAX_DAMPING, TrainingDiverged
 
 
 def _train(model: nn.Module, opt: torch.optim.Optimizer, batches) -> list[float]:
@@ -200,6 +201,25 @@ def test_non_finite_loss_skips_step_and_raises_damping() -> None:
     _assert_same(before, _params(model), atol=0.0)
     assert opt.param_groups[0]["damping"] == pytest.approx(1e-2)
     assert opt.param_groups[0]["skipped"] == 1
+
+
+def test_repeated_skips_stop_at_the_damping_cap_with_a_clear_error() -> None:
+    """The damping rises tenfold per skip up to MAX_DAMPING; a skip at the cap means the run
+    diverged and ends it with what to change (it used to climb to inf)."""
+    model = conv_residual()
+    opt = DGNOpt(model, lr=0.1, damping=1e-3)
+    before = _params(model)
+    seen = []
+    with pytest.warns(RuntimeWarning, match="skipped"), \
+            pytest.raises(TrainingDiverged, match="lower optim.lr or a larger curvature.damping"):
+        for _ in range(20):
+            opt.zero_grad()
+            (model(torch.randn(2, 1, 4, 4, dtype=torch.float64)) * float("inf")).sum().backward()
+            opt.step()
+            seen.append(opt.param_groups[0]["damping"])
+    assert seen == pytest.approx([1e-3 * 10 ** (i + 1) for i in range(len(seen))])
+    assert seen[-1] == MAX_DAMPING and opt.param_groups[0]["skipped"] == len(seen) == 11
+    _assert_same(before, _params(model), atol=0.0)
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -37,7 +37,6 @@ change it like the learning rate.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -51,6 +50,7 @@ from dgn_dist.dgnopt.capture import frozen_batchnorm
 from dgn_dist.dgnopt.gains import StageSolver, all_finite
 from dgn_dist.dgnopt.options import check_options
 from dgn_dist.dgnopt.reduction import LOCAL, Reducer
+from dgn_dist.dgnopt.skips import skip_step
 from dgn_dist.dgnopt.stats import tag, to_floats, value_stats
 from dgn_dist.dgnopt.sweep import StageSolution, SweepOptions, sweep_stage
 from dgn_dist.dgnopt.terminal import terminal_factors
@@ -58,8 +58,6 @@ from dgn_dist.dgnopt.update_pass import NonFiniteUpdate, update_pass
 from dgn_dist.game import Game, build_game
 from dgn_dist.game.core import State
 
-#: Damping is multiplied by this factor when a step is skipped as non-finite.
-DAMPING_BUMP = 10.0
 #: Prefixes of the solver state kept in ``state`` (one alignment / several alignments).
 _STATE_PREFIXES = ("dgn.", "dgn@")
 
@@ -276,11 +274,7 @@ class DGNOpt(Optimizer):
         return loss
 
     def _skip(self, reason: str) -> None:
-        group = self.param_groups[0]
-        group["damping"] = max(group["damping"], 1e-8) * DAMPING_BUMP
-        group["skipped"] += 1
-        warnings.warn(f"DGNOpt skipped step {group['dgn_step']}: {reason}; damping raised to "
-                      f"{group['damping']:.3g}", RuntimeWarning, stacklevel=3)
+        skip_step(self.param_groups[0], reason)
 
     def _iterate(self, x: Tensor, logits: Tensor, v_x: Tensor, group: dict[str, Any]) -> None:
         step = int(group["dgn_step"])

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import resource
 import time
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -41,8 +40,8 @@ from torch.optim import Optimizer
 
 from dgn_dist.dgnopt.capture import frozen_batchnorm
 from dgn_dist.dgnopt.gains import StageSolver
-from dgn_dist.dgnopt.optimizer import DAMPING_BUMP
 from dgn_dist.dgnopt.reduction import LOCAL, Reducer
+from dgn_dist.dgnopt.skips import skip_step
 from dgn_dist.dgnopt.streamed import StreamedStats
 from dgn_dist.dgnopt.terminal import factor_rank
 from dgn_dist.distributed.env import DistContext, build_device_mesh
@@ -152,11 +151,7 @@ class PipelineRunner:
         return t.tolist()
 
     def _skip(self, reason: str) -> None:
-        group = self.optimizer.param_groups[0]
-        group["damping"] = max(group["damping"], 1e-8) * DAMPING_BUMP
-        group["skipped"] += 1
-        warnings.warn(f"pipelined DGNOpt skipped step {group['dgn_step']}: {reason}; damping "
-                      f"raised to {group['damping']:.3g}", RuntimeWarning, stacklevel=3)
+        skip_step(self.optimizer.param_groups[0], reason, "pipelined DGNOpt")
 
     # -- training ----------------------------------------------------------------------
     def train_step(self, x: Tensor, y: Tensor) -> StepResult:
