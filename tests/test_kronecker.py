@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from dgn_dist.optim.kronecker import (
     KroneckerFactor,
     grad_to_matrix,
+    gram,
     input_rows,
     matrix_to_param_updates,
     output_rows,
@@ -219,3 +220,16 @@ def test_linear_rows_with_extra_dims() -> None:
     a, g = input_rows(layer, x), output_rows(layer, gout)
     assert a.shape == (6, 5) and torch.equal(a[:, -1], torch.ones(6, dtype=DT))
     torch.testing.assert_close(g.T @ a, grad_to_matrix(layer))
+
+
+@pytest.mark.parametrize("width", [3, 255, 256, 577, 1030])
+def test_gram_equals_the_full_product_and_is_symmetric(width: int) -> None:
+    """``gram`` (block upper triangle from width 256 on, widths not divisible by the block
+    count included) equals ``xᵀx``; the lower triangle is the mirrored upper one."""
+    x = torch.randn(37, width, dtype=torch.float64)
+    out = gram(x)
+    torch.testing.assert_close(out, x.T @ x, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out, out.T, rtol=1e-13, atol=1e-12)
+    if width >= 256:  # the blocks below the diagonal are copies
+        q = width // 4
+        assert torch.equal(out[q:, :q], out[:q, q:].T)

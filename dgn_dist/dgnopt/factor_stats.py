@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from dgn_dist.dgnopt.reduction import Stat
-from dgn_dist.optim.kronecker import stat_dtype
+from dgn_dist.optim.kronecker import gram, stat_dtype
 
 
 def joint_rows(rows: Sequence[Tensor]) -> Tensor:
@@ -26,7 +26,7 @@ def input_stat(a: Tensor, block_widths: Sequence[int] = ()) -> Stat:
     """``A = mean_rows a aᵀ``; with two or more ``block_widths`` the cross blocks of ``A``
     between those column groups are zeroed (Theorem 6, first bullet)."""
     dt = stat_dtype(a.dtype)
-    a_stat = a.to(dt).T @ a.to(dt) / a.shape[0]
+    a_stat = gram(a.to(dt)) / a.shape[0]
     if len(block_widths) > 1:
         mask = torch.block_diag(*[torch.ones(w, w, dtype=dt, device=a.device)
                                   for w in block_widths])
@@ -37,7 +37,7 @@ def input_stat(a: Tensor, block_widths: Sequence[int] = ()) -> Stat:
 def output_stat(g: Tensor) -> Stat:
     """``G = Σ_rows g gᵀ``."""
     dt = stat_dtype(g.dtype)
-    return Stat(g.to(dt).T @ g.to(dt), mean=False, symmetric=True)
+    return Stat(gram(g.to(dt)), mean=False, symmetric=True)
 
 
 def kron_stats(a: Tensor, g: Tensor, block_widths: Sequence[int] = ()) -> dict[str, Stat]:
