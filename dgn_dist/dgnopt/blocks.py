@@ -76,6 +76,10 @@ class Block:
                refresh: bool) -> None:
         """Fold this step's statistics in (before any per-sample statistics)."""
 
+    def psi_due(self, update_factors: bool) -> bool:
+        """Whether this step's :meth:`update` leaves per-sample statistics due."""
+        return update_factors and self.needs_psi
+
     def batch_stats(self, batch: StageBatch, update_factors: bool) -> dict[str, Stat]:
         """This step's batch statistics that :meth:`update` folds in, for a data-parallel
         reduction first (:meth:`StageSolver.update`); blocks that accept them take the
@@ -283,10 +287,10 @@ class KronBlock(FactorBlock):
                refresh: bool, stats: dict[str, Tensor] | None = None) -> None:
         """:meth:`FactorBlock.fold_stats`; per-sample statistics only on factor steps."""
         self.fold_stats(batch, decay, update_factors, refresh, stats)
-        if not update_factors:
-            self.needs_psi = False
-        else:
-            self.needs_psi = self.mode == "ekfac"
+        self.needs_psi = self.psi_due(update_factors)
+
+    def psi_due(self, update_factors: bool) -> bool:
+        return update_factors and self.mode == "ekfac"
 
     def joint(self, parts: PsiRows) -> Tensor:
         return torch.cat([parts[n] for n in self.members], dim=-1)

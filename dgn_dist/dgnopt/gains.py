@@ -39,7 +39,12 @@ from dgn_dist.dgnopt.dots import sample_inner
 from dgn_dist.dgnopt.extended import extended_identity_blocks
 from dgn_dist.dgnopt.players import PlayerView
 from dgn_dist.dgnopt.reduction import LOCAL, Reducer
-from dgn_dist.dgnopt.streamed import StreamedStats, add_block_stats, add_input_stats
+from dgn_dist.dgnopt.streamed import (
+    StreamedStats,
+    add_block_stats,
+    add_input_stats,
+    input_blocks_due,
+)
 from dgn_dist.game.core import Stage
 
 INFOS: tuple[str, ...] = ("olne", "fne", "gr")
@@ -197,9 +202,9 @@ class StageSolver:
         """Add the ``A`` statistics of one micro-batch's forward pass (``tap`` recorded the
         players' inputs) to ``acc``, for the Kronecker blocks that take them
         (:func:`~dgn_dist.dgnopt.streamed.add_input_stats`)."""
-        members = {n for blk in self.blocks if isinstance(blk, KronBlock) for n in blk.members}
-        if not members or not (update_factors or any(
-                isinstance(b, KronBlock) and b.factor.A is None for b in self.blocks)):
+        members = {n for i in input_blocks_due(self.blocks, update_factors)
+                   for n in self.blocks[i].members}
+        if not members:
             return
         rows = {n: self.views[n].a_rows(tap.input(n)) for n in sorted(members)}
         add_input_stats(acc, self.blocks, rows, num, update_factors=update_factors,

@@ -105,9 +105,10 @@ class Link:
         from the front) until it has: a watcher thread waits for the message meanwhile (gloo
         has no polling: ``Work.is_completed`` stays false until someone waits, and the wait
         releases the GIL)."""
+        errors: list[BaseException] = []
+        watcher: threading.Thread | None = None
         if idle:
             arrived = threading.Event()
-            errors: list[BaseException] = []
 
             def watch() -> None:
                 try:
@@ -122,16 +123,15 @@ class Link:
             watcher.start()
             while idle and not arrived.is_set():
                 idle.pop(0)()
-            start = time.perf_counter()
-            watcher.join()
-            self.waited += time.perf_counter() - start
-            if errors:
-                raise errors[0]
-            return
         start = time.perf_counter()
-        for work in handle:
-            work.wait()
+        if watcher is not None:
+            watcher.join()
+        else:
+            for work in handle:
+                work.wait()
         self.waited += time.perf_counter() - start
+        if errors:
+            raise errors[0]
 
     def flush(self) -> None:
         """Block until every posted send has left (end of a pass)."""

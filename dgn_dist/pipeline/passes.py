@@ -177,9 +177,8 @@ def _rows_finish_reads(stage: Stage, solver: StageSolver, acc: StreamedStage,
         return set(range(len(solver.views)))
     keep: set[int] = set()
     for i, blk in enumerate(solver.blocks):
-        psi_due = opts.update_factors and (blk.mode == "ekfac" if isinstance(blk, KronBlock)
-                                           else blk.needs_psi)
-        if not isinstance(blk, _STREAMABLE) or (psi_due and i not in acc.stats.psi_blocks):
+        if not isinstance(blk, _STREAMABLE) or (blk.psi_due(opts.update_factors)
+                                                and i not in acc.stats.psi_blocks):
             keep.update(blk.members)
     return keep
 

@@ -189,11 +189,9 @@ class PipelineRunner:
             sols = sh.sweep(traj, y if sh.next is None else None, sizes, specs, r, step,
                             float(group["damping"]), float(group["weight_decay"]),
                             self.mode == "stale_k", input_stats=sums)
-        qnorm = 0.0 if sols is None else sum(float(q.double().pow(2).sum())
-                                             for s in sols for q in s.q_theta)
         term = sh.terminal if sh.next is None else None
         shared = [term.loss_sum if term else 0.0, term.correct if term else 0,
-                  term.count if term else 0, float(sols is None), qnorm]
+                  term.count if term else 0, float(sols is None)]
         # Gradient clipping needs the global ‖Q_θ‖ before any update, so the ranks agree after
         # the sweep. Otherwise that agreement joins the update's: a barrier here would hold
         # the first ranks until the last rank's finish_stage is done, although their update
@@ -201,14 +199,15 @@ class PipelineRunner:
         # later rank fails its update too) and every rank restores its parameters below.
         early = self.grad_clip > 0
         failed = bad = 0.0
+        lr = float(group["lr"])
         if early:
-            loss_sum, correct, count, failed, qnorm = self._allreduce(shared)
+            qnorm = 0.0 if sols is None else sum(float(q.double().pow(2).sum())
+                                                 for s in sols for q in s.q_theta)
+            loss_sum, correct, count, failed, qnorm = self._allreduce([*shared, qnorm])
+            lr *= min(1.0, self.grad_clip / max((qnorm / self.dims.dp) ** 0.5, 1e-30))
         self._times["sweep"] += time.perf_counter() - tock
         tock = time.perf_counter()
         self._steps += 1
-        lr = float(group["lr"])
-        if self.grad_clip > 0:
-            lr *= min(1.0, self.grad_clip / max((qnorm / self.dims.dp) ** 0.5, 1e-30))
         res = None
         if not failed:
             with frozen_batchnorm(self.game):
@@ -217,7 +216,7 @@ class PipelineRunner:
             if early:
                 (bad,) = self._allreduce([float(not res.finite)])
             else:
-                loss_sum, correct, count, failed, _, bad = self._allreduce(
+                loss_sum, correct, count, failed, bad = self._allreduce(
                     [*shared, float(not res.finite)])
         self._times["update"] += time.perf_counter() - tock
         result = StepResult(loss_sum / max(count, 1), int(correct), int(count))
