@@ -310,3 +310,25 @@ def test_last_rank_failing_after_the_stream_rolls_back_every_rank(world: int) ->
     for flags, damping in run_distributed(_last_rank_gain_fails, world, timeout=120):
         assert flags == [True, True, True]
         assert damping == pytest.approx(BASE["damping"] * 10)
+
+
+def test_bench_reports_bytes_against_the_formula_and_the_update_bound(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`dgn-bench pipeline` end to end (pp=1 then pp=2 stale_k on the DIGITS net): the bytes
+    at the boundary equal ``mb·d·(1+r)`` and the serial-update bound is printed."""
+    import re
+
+    from dgn_dist.pipeline import bench
+
+    assert bench.main(["--models", "digits_resnet", "--batch-size", "8", "--micro-batches",
+                       "2", "--steps", "1", "--warmup", "1", "--modes", "stale_k",
+                       "--timeout", "240"]) == 0
+    out = capsys.readouterr().out
+    rows = re.findall(r"forward (\d+) B \(formula (\d+)\), sweep (\d+) B \(formula "
+                      r"mb\*d\*\(1\+r\): (\d+)\)", out)
+    assert rows and all(sent == formula for row in rows for sent, formula in
+                        (row[0:2], row[2:4]))
+    # [4, 5, 8, 8] twice (two state tensors) per micro-batch, 2 micro-batches, float32
+    assert int(rows[-1][0]) == 2 * 2 * 4 * 5 * 8 * 8 * 4
+    bound = re.findall(r"so pp=2 >= (\d\.\d+)x pp1", out)
+    assert bound and all(0.5 <= float(b) <= 1.0 for b in bound)
