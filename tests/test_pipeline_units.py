@@ -233,17 +233,17 @@ def test_bench_commands_reject_bad_arguments(capsys: pytest.CaptureFixture[str])
     assert "micro-batches" in capsys.readouterr().err
 
 
-def test_serial_update_bound() -> None:
-    from dgn_dist.pipeline.bench import serial_update_bound
+def test_tail_bound() -> None:
+    from dgn_dist.pipeline.bench import tail_bound
 
-    # u + (1 - u) / pp: a 20 % update pass caps pp=2 at 0.6x and pp=4 at 0.4x
-    assert serial_update_bound(2.0, 10.0, 2) == pytest.approx(0.6)
-    assert serial_update_bound(2.0, 10.0, 4) == pytest.approx(0.4)
-    assert serial_update_bound(0.0, 10.0, 2) == pytest.approx(0.5)  # nothing serial
-    assert serial_update_bound(3.0, 3.0, 8) == pytest.approx(1.0)  # all serial
-    for bad in ((1.0, 0.0, 2), (-1.0, 2.0, 2), (3.0, 2.0, 2), (1.0, 2.0, 0)):
-        with pytest.raises(ValueError, match="update_s"):
-            serial_update_bound(*bad)
+    # pp · step >= work + (pp - 1) · last update: 20 s of work, a 3 s last update
+    assert tail_bound(20.0, 3.0, 2) == pytest.approx(11.5)
+    assert tail_bound(20.0, 3.0, 4) == pytest.approx(29.0 / 4)
+    assert tail_bound(20.0, 0.0, 2) == pytest.approx(10.0)  # nothing exposed: work / pp
+    assert tail_bound(20.0, 3.0, 1) == pytest.approx(20.0)
+    for bad in ((0.0, 1.0, 2), (1.0, -1.0, 2), (1.0, 1.0, 0)):
+        with pytest.raises(ValueError, match="work_s"):
+            tail_bound(*bad)
 
 
 def test_grad_clip_matches_dgnopt() -> None:

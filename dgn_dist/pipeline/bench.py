@@ -13,10 +13,12 @@ update pass carry ``mb·d``), and per rank the parameter, curvature-state and st
 bytes and the peak RSS. Every process uses ``--threads`` intra-op threads, so ``pp=2`` uses
 twice the cores of ``pp=1``.
 
-It also prints the bound the update pass puts on any pipeline (:func:`serial_update_bound`):
-stage ``t+1``'s step needs ``δX_{t+1} = F_t(X'_t, θ'_t) − X_{t+1}``, so it waits for stage
-``t``'s step on the whole batch (Alg. 1 lines 8-12), and the update pass runs one stage after
-the other across the ranks while they have nothing else to do.
+For each ``pp=2`` row it also prints the lower bound of :func:`tail_bound`: stage ``t+1``'s
+step needs ``δX_{t+1} = F_t(X'_t, θ'_t) − X_{t+1}``, so it waits for stage ``t``'s step on the
+whole batch (Alg. 1 lines 8-12), and the ranks before the last have nothing left to do while
+the last rank runs its update pass. With the ranks' measured CPU time as the work, the bound
+says how far scheduling alone could go; with pp=1's work, how far it could go with no
+pipeline overhead.
 
 Example: ``dgn-bench pipeline --models mnist_resnet,resnet18 --batch-size 64 --steps 3``.
 """
@@ -104,16 +106,14 @@ def run_config(spec: dict[str, Any], target: Any = None) -> list[dict[str, Any]]
                        env={"OMP_NUM_THREADS": str(spec.get("threads", 1))})
 
 
-def serial_update_bound(update_s: float, step_s: float, pp: int) -> float:
-    """The lowest step time of ``pp`` ranks as a fraction of one rank's, ``u + (1 − u) / pp``
-    with ``u = update_s / step_s`` the update pass's share of the one-rank step: the update
-    pass stays serial (module docstring) and the rest is assumed to split evenly with no
-    overhead, so a measured ratio can only be higher."""
-    if step_s <= 0 or not 0 <= update_s <= step_s or pp < 1:
-        raise ValueError(f"need 0 <= update_s <= step_s, step_s > 0, pp >= 1; got "
-                         f"update_s={update_s}, step_s={step_s}, pp={pp}")
-    share = update_s / step_s
-    return share + (1.0 - share) / pp
+def tail_bound(work_s: float, last_update_s: float, pp: int) -> float:
+    """The shortest step of ``pp`` ranks that do ``work_s`` seconds of work in all, when every
+    rank before the last is idle through the last rank's update pass (``last_update_s``):
+    ``pp · step >= work + (pp − 1) · last_update`` (module docstring)."""
+    if work_s <= 0 or last_update_s < 0 or pp < 1:
+        raise ValueError(f"need work_s > 0, last_update_s >= 0, pp >= 1; got work_s={work_s}, "
+                         f"last_update_s={last_update_s}, pp={pp}")
+    return (work_s + (pp - 1) * last_update_s) / pp
 
 
 def _mib(n: float) -> str:
@@ -137,13 +137,15 @@ def format_report(model: str, rows: list[tuple[str, list[dict[str, Any]]]]) -> s
                        f"{_mib(s['memory/activations_bytes'])} | "
                        f"{_mib(s['memory/peak_rss_bytes'] - r['rss0'])}")
         lines.append(f"{name:<14}{step:>9.3f}{step / base:>7.2f}  " + "  ;  ".join(per))
-    update = rows[0][1][0]["stats"]["time/update/rank0"]
-    if rows[0][0] == "pp1" and 0 <= update <= base:
-        lines.append(f"  bound: pp1's update pass takes {update:.2f} s, "
-                     f"{100 * update / base:.1f} % of its step, and runs stage after stage across "
-                     "the ranks (Alg. 1 lines 8-12), "
-                     f"so pp=2 >= {serial_update_bound(update, base, 2):.3f}x pp1 even with "
-                     "everything else split evenly and no overhead")
+    for name, ranks in rows[1:]:
+        pp, last = len(ranks), ranks[-1]["stats"]
+        tail = last[f"time/update/rank{pp - 1}"]
+        work = sum(r["cpu_s"] for r in ranks)
+        lines.append(
+            f"  {name} bound: ranks' CPU {work:.2f} s in all ({work / base:.2f}x pp1's), the "
+            f"last rank's update {tail:.2f} s with the others idle -> step >= "
+            f"{tail_bound(work, tail, pp) / base:.3f}x pp1 (with pp1's work: "
+            f"{tail_bound(base, tail, pp) / base:.3f}x)")
     for name, ranks in rows[1:]:
         s = ranks[0]["stats"]
         for b in ranks[0].get("boundaries", []):
