@@ -272,3 +272,77 @@ def test_grad_clip_matches_dgnopt() -> None:
         torch.testing.assert_close(model.state_dict()[key], value, rtol=1e-10, atol=1e-13)
     moved = max(float((ref.state_dict()[k] - start[k]).abs().max()) for k in start)
     assert 0 < moved < 1e-3  # the clip was active
+
+
+def test_finish_rescales_batchnorm_stages_at_the_micro_batches_linearisations(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where BatchNorm couples the samples, finish_stage's rescaling sums the batch
+    Gauss-Newton term over the micro-batches, each linearised at its own batch statistics
+    (where the streamed V_x is linearised), from the forwards the stream recorded -- no
+    forward over the whole batch. Checked against JVPs of torch.func at each micro-batch."""
+    from torch.func import functional_call, jvp
+
+    import dgn_dist.dgnopt.sweep as sweep_module
+    from dgn_dist.pipeline.comm import split_rows
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.Tanh(),
+                          nn.Flatten(), nn.Linear(48, 3)).double()
+    game = build_game(model, "second")
+    stage, head = game.stage_list()
+    x = torch.randn(6, 1, 4, 4, dtype=torch.float64)
+    opts = SweepOptions(feedback=True, use_factors=True, weight_decay=1e-3, damping=1e-3,
+                        decay=0.9, update_factors=True, refresh=True, rescale=True)
+    with frozen_batchnorm(game):
+        states = game.trajectory(x)
+        v_x = torch.softmax(states[-1][0], 1) / 6
+        u_head = (terminal_factors(states[-1][0], v_x, "empirical"),)
+        _, vx_next, u_next = sweep_stage(head, StageSolver(head, "fne", "kfac"), states[1],
+                                         (v_x,), u_head, opts, need_value=True)
+        sizes = [2, 4]
+        gains = []
+        for rescale in (False, True):
+            opts.rescale = rescale
+            solver, acc = StageSolver(stage, "fne", "kfac"), StreamedStage()
+            for xs, vs, us in zip(split_rows(states[0], sizes), split_rows(vx_next, sizes),
+                                  split_rows(u_next, sizes), strict=True):
+                zero = [torch.zeros_like(p) for v in solver.views
+                        for p in [v.to_native([q.detach() for q in v.params])]]
+                stream_stage(stage, solver, xs, vs, us, zero, opts, False, acc)
+            assert len(acc.lins) == (len(sizes) if rescale else 0)
+            if rescale:  # the finish must not record a forward of its own
+                monkeypatch.setattr(sweep_module, "Linearization", None)
+            sol = finish_stage(stage, solver, states[0], acc, opts)
+            gains.append(sol)
+        units = solver.rescale_units()
+        names = {id(p): n for n, p in stage.named_parameters()}
+        primals = {n: p.detach() for n, p in stage.named_parameters()}
+
+        def batch_term(members: list[int], parts: list[tuple]) -> torch.Tensor:
+            total = torch.zeros((), dtype=torch.float64)
+            tangents = {n: torch.zeros_like(p) for n, p in primals.items()}
+            for n in members:
+                view = solver.views[n]
+                for p, d in zip(view.params, view.from_native(gains[0].k[n]), strict=True):
+                    tangents[names[id(p)]] = d
+            for xs, us in parts:
+                _, jk = jvp(lambda prm, xs=xs: functional_call(stage, prm, (xs,)),
+                            (primals,), (tangents,))
+                coef = sum(torch.einsum("bi...,b...->bi", u, j)
+                           for u, j in zip(us, jk, strict=True))
+                total = total + (coef ** 2).sum()
+            return total
+
+        micro = list(zip(split_rows(states[0], sizes), split_rows(u_next, sizes), strict=True))
+        scaled_any = False
+        for members, damping in units:
+            k0 = gains[0].k
+            model_quad = sum((gains[0].q_theta[n] * k0[n]).sum() for n in members)
+            reg = damping * sum((k0[n] ** 2).sum() for n in members)
+            scale = max(1.0, float((batch_term(members, micro) + reg) / model_quad))
+            whole = max(1.0, float((batch_term(members, [(states[0], u_next)]) + reg)
+                                   / model_quad))
+            scaled_any |= scale > 1.01 and abs(scale - whole) > 1e-3 * scale
+            for n in members:
+                torch.testing.assert_close(gains[1].k[n], k0[n] / scale)
+    assert scaled_any  # a unit the micro-batch linearisation scales differently

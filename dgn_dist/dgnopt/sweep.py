@@ -20,6 +20,7 @@ Without feedback (``olne``, or ``Q_θx := 0``) steps 4-5 reduce to back-propagat
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -210,7 +211,9 @@ def sweep_stage(stage: Stage, solver: StageSolver, x_t: State, vx_next: State,
 def rescale_gains(stage: Stage, solver: StageSolver, x_t: State, q_theta: list[Tensor],
                   k: list[Tensor], u_next: State, reducer: Reducer = LOCAL, *,
                   batch: StageBatch | None = None, need_jk: bool = True,
-                  lin: Linearization | None = None) -> tuple[list[Tensor], State | None]:
+                  lin: Linearization | None = None,
+                  pieces: Sequence[tuple[Linearization, State]] | None = None,
+                  ) -> tuple[list[Tensor], State | None]:
     """Keep each block's quadratic model at or above the batch Gauss-Newton model.
 
     A Kronecker (or EMA) curvature can lie far below the batch's Gauss-Newton curvature
@@ -231,34 +234,49 @@ def rescale_gains(stage: Stage, solver: StageSolver, x_t: State, q_theta: list[T
     samples of the stage (then ``<ψ_{b,i}, k>`` is not ``<u_{b,i}, (J_θ k)_b>``). The JVPs
     share the forward recorded by ``lin`` (:mod:`.tangents`; made here when not given).
 
+    ``pieces``: the batch in parts, each with its own linearisation and ``U`` (the
+    micro-batches of the pipeline's ``stale_k`` sweep, whose recorded forwards are reused
+    instead of a forward over the whole batch): the JVPs then run per part, at its own point
+    (BatchNorm: the part's batch statistics, as the streamed ``V_x`` uses), and the batch
+    term is their sum; ``J_θ k`` is then not returned (``need_jk`` must be false).
+
     Returns:
         The rescaled gains and ``J_θ k`` for them (reused by the ``V_x`` update; ``None``
         with ``need_jk=False`` on the rows path).
     """
     views = solver.views
     params = [p for v in views for p in v.params]
-    lin = Linearization(stage, x_t) if lin is None else lin
+    if pieces is not None and need_jk:
+        raise ValueError("rescale_gains: need_jk=True needs one linearisation, not pieces")
+    lin = (Linearization(stage, x_t) if lin is None else lin) if pieces is None else pieces[0][0]
+    parts = [(lin, u_next)] if pieces is None else list(pieces)
     scales: list[Tensor] = [torch.ones((), dtype=torch.float64)] * len(views)
     jk_total: list[Tensor] | None = None
     units = solver.rescale_units()
     rows = batch is not None and not _couples_samples(stage) and all(
         batch.a[n] is not None and batch.g[n] is not None for n in range(len(views)))
-    jks: list[State | None] = [None] * len(units)
+    jks: list[list[State] | None] = [None] * len(units)
     if not rows:  # one JVP per unit, along that unit's parameters only: forward mode then
         # skips every layer before the unit (no tangent reaches it), unlike a JVP along all
         # parameters with zero directions for the others (same values, full cost)
-        jks = [lin.jvp(None, [p for n in members for p in views[n].params],
-                       [d for n in members for d in views[n].from_native(k[n])])
-               for members, _ in units]
+        jks = [[part.jvp(None, [p for n in members for p in views[n].params],
+                         [d for n in members for d in views[n].from_native(k[n])])
+                for part, _ in parts] for members, _ in units]
     sums = []
     for (members, _), jk in zip(units, jks, strict=True):
         if jk is None:
             assert batch is not None
             coef = sum(_psi_dots(batch, views[n], n, k[n]) for n in members)
-        else:
-            coef = sum(state_dots(u, j) for u, j in zip(u_next, jk, strict=False))
-        assert isinstance(coef, Tensor)
-        sums.append((coef.to(torch.float64) ** 2).sum())
+            assert isinstance(coef, Tensor)
+            sums.append((coef.to(torch.float64) ** 2).sum())
+            continue
+        total = None
+        for (_, u_part), jk_part in zip(parts, jk, strict=True):
+            coef = sum(state_dots(u, j) for u, j in zip(u_part, jk_part, strict=False))
+            assert isinstance(coef, Tensor)
+            term = (coef.to(torch.float64) ** 2).sum()
+            total = term if total is None else total + term
+        sums.append(total)
     gn_sums = torch.stack(sums)
     reducer.reduce([gn_sums], "scalar")
     for (members, damping), jk, gn_sum in zip(units, jks, gn_sums, strict=True):
@@ -272,14 +290,16 @@ def rescale_gains(stage: Stage, solver: StageSolver, x_t: State, q_theta: list[T
         ok = (model_quad > 0) & torch.isfinite(batch_quad)
         scale = torch.where(ok, (batch_quad / model_quad).clamp_min(1.0),
                             torch.ones((), dtype=torch.float64, device=gn_sum.device))
-        if jk is not None:
-            scaled = [j / scale.to(j.dtype) for j in jk]
+        if jk is not None and pieces is None:
+            scaled = [j / scale.to(j.dtype) for j in jk[0]]
             jk_total = scaled if jk_total is None else [a + b for a, b in
                                                          zip(jk_total, scaled, strict=True)]
         for n in members:
             scales[n] = scale
             k[n] = k[n] / scale.to(k[n].dtype)
     solver.set_scales(scales)
+    if pieces is not None:
+        return k, None
     if rows:
         if not need_jk:
             return k, None

@@ -14,6 +14,9 @@ stream through the backward sweep:
 * :func:`finish_stage` (once all micro-batches passed): fold the summed statistics into the
   curvature (per-sample sums that could not stream -- an eigenbasis refresh -- run here over
   the whole batch), solve the fresh ``k = Q_θθ⁻¹ Q_θ`` the update pass applies, rescale.
+  Where BatchNorm couples the samples, the rescaling's JVPs run per micro-batch from the
+  forwards the stream recorded, so they linearise where the streamed ``V_x`` did (each
+  micro-batch's own batch statistics) and no forward over the whole batch is repeated.
 
 :func:`update_range` is the update pass over a contiguous range of stages; unlike
 :func:`dgn_dist.dgnopt.update_pass.update_pass` it does not roll back on its own: it keeps the
@@ -49,7 +52,7 @@ from dgn_dist.dgnopt.sweep import (
     _refactor,
     rescale_gains,
 )
-from dgn_dist.dgnopt.tangents import recorded_forward
+from dgn_dist.dgnopt.tangents import Linearization, recorded_forward
 from dgn_dist.dgnopt.update_pass import apply_steps, feedback_term
 from dgn_dist.game.core import Stage, State
 
@@ -64,6 +67,9 @@ class StreamedStage:
             last pipeline rank does this: its stream is on the step's critical path, while
             its ``finish_stage`` runs as the earlier ranks drain (the ranks before it sum
             ``A`` in the forward pass instead, :meth:`~dgn_dist.pipeline.schedule.Shard.forward`).
+        lins: the micro-batches' recorded forwards, kept where the rescaling's JVPs need them
+            (a stage whose BatchNorm couples the samples): :func:`finish_stage` runs those
+            JVPs per micro-batch from them instead of a forward over the whole batch.
     """
 
     q_theta: list[Tensor] | None = None
@@ -75,6 +81,7 @@ class StreamedStage:
     stats: StreamedStats = field(default_factory=StreamedStats)
     defer_inputs: bool = False
     inputs: dict[int, list[Tensor]] = field(default_factory=dict)  # player -> rows per mb
+    lins: list[Linearization] = field(default_factory=list)  # per mb, for the rescaling
 
 
 def stream_stage(stage: Stage, solver: StageSolver, x_t: State, vx_next: State,
@@ -132,6 +139,8 @@ def stream_stage(stage: Stage, solver: StageSolver, x_t: State, vx_next: State,
         solver.accumulate(acc.stats, batch, update_factors=opts.update_factors,
                           refresh=opts.refresh, keep_projections=need_value and opts.feedback)
         keep = _rows_finish_reads(stage, solver, acc, opts)  # the others die with the batch
+        if opts.rescale and views and _couples_samples(stage):
+            acc.lins.append(lin)  # detached values only: the graph still dies with the batch
         if keep:
             acc.a.append([a if n in keep else None for n, a in enumerate(batch.a)])
             acc.g.append([g if n in keep else None for n, g in enumerate(batch.g)])
@@ -216,8 +225,12 @@ def finish_stage(stage: Stage, solver: StageSolver, x_t: State, acc: StreamedSta
     u_next = tuple(torch.cat([u[i] for u in acc.u_next]) for i in range(len(acc.u_next[0]))) \
         if acc.u_next else None
     if opts.rescale and u_next is not None and views:
+        # the rows path reads the kept rows; with BatchNorm, JVPs from the micro-batches'
+        # recorded forwards (the stream's linearisation points, no forward over the batch)
+        pieces = list(zip(acc.lins, acc.u_next, strict=True)) if acc.lins else None
         k, _ = rescale_gains(stage, solver, x_t, q_theta, k, u_next, opts.reducer,
-                             batch=batch, need_jk=False)  # rows path: one JVP
+                             batch=batch, need_jk=False, pieces=pieces)
+        acc.lins.clear()
     # Agreed over the dp replicas: they then all skip the update pass's reductions together.
     if not opts.reducer.agree(not k or bool(torch.stack([torch.isfinite(kn).all()
                                                         for kn in k]).all())):
