@@ -37,8 +37,6 @@ CASES = [
      ["game.players_per_layer=2", "'sgd'", "'dgnopt'"]),
     (["optim.name=sgd", "optim.momentum=0.9", "game.players_per_layer=2"],
      ["optim.momentum=0"]),
-    ([DGN, "parallel.last_micro_batch_share=1.5"],
-     ["parallel.last_micro_batch_share", "(0, 1]"]),
 ]
 
 

@@ -52,20 +52,18 @@ def _single(kind: str, opts: dict[str, Any]) -> tuple[dict[str, torch.Tensor], l
 
 
 def _runner(rank: int, world: int, kind: str, opts: dict[str, Any], pp: int, micro: int,
-            mode: str, partition: str, share: float = 1.0) -> Any:
+            mode: str, partition: str) -> Any:
     model = _model(kind)
     ctx = DistContext(rank, world, rank, torch.device("cpu"), "gloo", "env", rank == 0)
     dims = ParallelDims(pp, 0, world)
     game = model if isinstance(model, Game) else None
     return build_pipeline_runner(model, opts, ctx, dims, micro_batches=micro, mode=mode,
-                                 partition=partition, game=game,
-                                 last_micro_batch_share=share), dims
+                                 partition=partition, game=game), dims
 
 
 def _train(rank: int, world: int, kind: str, opts: dict[str, Any], pp: int, micro: int,
-           mode: str, partition: str, steps: int = STEPS,
-           share: float = 1.0) -> tuple[Any, ...]:
-    runner, dims = _runner(rank, world, kind, opts, pp, micro, mode, partition, share)
+           mode: str, partition: str, steps: int = STEPS) -> tuple[Any, ...]:
+    runner, dims = _runner(rank, world, kind, opts, pp, micro, mode, partition)
     _, dp_rank = dims.coords(rank)
     local = slice(dp_rank * B // dims.dp, (dp_rank + 1) * B // dims.dp)
     losses, per_step = [], []
@@ -121,16 +119,6 @@ def test_pp2_exact_ekfac_between_refreshes_equals_single_process(info: str) -> N
     expected, losses = _single("coop", opts)
     results = run_distributed(_train, 2, "coop", opts, 2, 2, "exact", "2,2")
     _assert_equal(results, expected, losses, "coop")
-
-
-def test_pp2_exact_with_a_smaller_last_micro_batch_equals_single_process() -> None:
-    """parallel.last_micro_batch_share=0.5: micro-batches of 4, 3 and 1 rows (fixed-shape
-    buffers per size); the boundary still carries the whole batch once per pass."""
-    opts = {**BASE, "info": "fne", "vxx": "exact"}
-    expected, losses = _single("conv", opts)
-    results = run_distributed(_train, 2, "conv", opts, 2, 3, "exact", "2,2", STEPS, 0.5)
-    _assert_equal(results, expected, losses, "conv")
-    assert results[0][2]["comm/forward_bytes"] == B * 2 * (2 * 4 * 4) * 8
 
 
 @pytest.mark.parametrize("partition", ["1,3", "3,1"])

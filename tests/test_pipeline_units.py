@@ -233,23 +233,6 @@ def test_bench_commands_reject_bad_arguments(capsys: pytest.CaptureFixture[str])
     assert "micro-batches" in capsys.readouterr().err
 
 
-def test_micro_batch_sizes() -> None:
-    from dgn_dist.pipeline.options import check_mode, micro_batch_sizes
-
-    for rows, m in ((64, 4), (10, 4), (7, 3), (3, 5), (1, 1)):  # share 1: tensor_split
-        assert micro_batch_sizes(rows, m) == [len(c) for c in torch.arange(rows)
-                                              .tensor_split(min(m, rows))]
-    assert micro_batch_sizes(64, 4, 0.5) == [19, 18, 18, 9]
-    assert micro_batch_sizes(8, 3, 0.5) == [4, 3, 1]
-    for rows, m, share in ((5, 5, 0.1), (6, 4, 0.25), (100, 7, 0.3), (2, 2, 0.01)):
-        sizes = micro_batch_sizes(rows, m, share)
-        assert sum(sizes) == rows and len(sizes) == min(m, rows) and min(sizes) >= 1
-        assert sizes[-1] <= min(sizes[:-1])
-    for bad in (0.0, 1.5, -1.0, True, "half"):
-        with pytest.raises(ValueError, match="last_micro_batch_share"):
-            check_mode("stale_k", 4, bad)  # type: ignore[arg-type]
-
-
 def test_tail_bound() -> None:
     from dgn_dist.pipeline.bench import tail_bound
 

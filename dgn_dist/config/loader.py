@@ -157,8 +157,6 @@ def _validate_ranges(cfg: Config) -> None:
         (cfg.parallel.pp >= 1, "parallel.pp must be >= 1"),
         (0 < cfg.parallel.grad_worker_fraction <= 1,
          "parallel.grad_worker_fraction must be in (0, 1]"),
-        (0 < cfg.parallel.last_micro_batch_share <= 1,
-         "parallel.last_micro_batch_share must be in (0, 1] (1 = equal micro-batches)"),
         (cfg.parallel.bucket_mb > 0, "parallel.bucket_mb must be > 0"),
         (cfg.parallel.grad_clip >= 0, "parallel.grad_clip must be >= 0 (0 = off)"),
         (cfg.parallel.timeout_s > 0, "parallel.timeout_s must be > 0"),

@@ -160,10 +160,6 @@ class ParallelConfig:
     pp: int = doc(1, "Pipeline-parallel degree (number of stage shards).")
     micro_batches: int = doc(1, "Pipeline: micro-batches per step and dp replica (GPipe); the "
                              "per-replica batch must be divisible by it.")
-    last_micro_batch_share: float = doc(
-        1.0, "Pipeline: size of the last micro-batch relative to the others, in (0, 1] (1 = "
-        "equal micro-batches). With stale_k a smaller last micro-batch (e.g. 0.5) shortens "
-        "what the first ranks sweep after the last rank's stream ends.")
     pipeline_mode: Literal["exact", "stale_k"] = doc(
         "exact", "Pipeline: exact = bulk-synchronous sweep per stage (equals one process); "
         "stale_k = the sweep propagates V_x/V_xx with the previous step's open gain k and "

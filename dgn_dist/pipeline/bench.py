@@ -65,7 +65,6 @@ def _measure(rank: int, world: int, port: int, spec: dict[str, Any]) -> dict[str
                       "env" if world > 1 else "none", rank == 0)
     runner = build_pipeline_runner(model, spec["optim"], ctx, ParallelDims(spec["pp"], 1, world),
                                    micro_batches=spec["micro"], mode=spec["mode"],
-                                   last_micro_batch_share=spec.get("last_share", 1.0),
                                    partition=spec["partition"])
     g = torch.Generator().manual_seed(1)
     x = torch.randn(spec["batch"], *shape, generator=g)
@@ -168,8 +167,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma list of {', '.join(MODELS)} (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--micro-batches", type=int, default=4)
-    p.add_argument("--last-micro-share", type=float, default=1.0, help="size of the last "
-                   "micro-batch relative to the others (parallel.last_micro_batch_share)")
     p.add_argument("--steps", type=int, default=3, help="timed steps (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps (default: %(default)s)")
     p.add_argument("--modes", default="exact,stale_k", help="pp=2 modes (default: %(default)s)")
@@ -193,11 +190,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in models if m not in MODELS] + [m for m in modes
                                                     if m not in ("exact", "stale_k")]
-    if bad or args.batch_size % args.micro_batches or min(args.steps, args.threads) < 1 \
-            or not 0 < args.last_micro_share <= 1:
+    if bad or args.batch_size % args.micro_batches or min(args.steps, args.threads) < 1:
         print(f"error: bad --models/--modes {bad} or --batch-size not divisible by "
-              f"--micro-batches, or --steps/--threads < 1, or --last-micro-share not in "
-              f"(0, 1]; models: {', '.join(MODELS)}, "
+              f"--micro-batches, or --steps/--threads < 1; models: {', '.join(MODELS)}, "
               "modes: exact, stale_k", file=sys.stderr)
         return 2
     optim = {"lr": 0.05, "info": args.info, "curvature": args.curvature, "damping": 0.1}
@@ -205,8 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for model in models:
         common = {"model": model, "batch": args.batch_size, "steps": args.steps,
                   "warmup": args.warmup, "threads": args.threads, "timeout": args.timeout,
-                  "optim": optim, "partition": args.partition, "micro": args.micro_batches,
-                  "last_share": args.last_micro_share}
+                  "optim": optim, "partition": args.partition, "micro": args.micro_batches}
         rows = [("pp1", run_config({**common, "pp": 1, "mode": "exact",
                                     "partition": "uniform"}))]
         print(format_report(model, rows), flush=True)

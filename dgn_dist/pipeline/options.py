@@ -82,9 +82,8 @@ def make_options(kwargs: Mapping[str, Any]) -> PipelineOptions:
     return PipelineOptions(**merged)
 
 
-def check_mode(mode: str, micro_batches: int, last_share: float = 1.0) -> None:
-    """Validate ``parallel.pipeline_mode``, ``parallel.micro_batches`` and
-    ``parallel.last_micro_batch_share``.
+def check_mode(mode: str, micro_batches: int) -> None:
+    """Validate ``parallel.pipeline_mode`` and ``parallel.micro_batches``.
 
     Raises:
         ValueError: with the valid values.
@@ -96,24 +95,3 @@ def check_mode(mode: str, micro_batches: int, last_share: float = 1.0) -> None:
             or micro_batches < 1:
         raise ValueError(f"parallel.micro_batches must be a positive integer; got "
                          f"{micro_batches!r}")
-    if isinstance(last_share, bool) or not isinstance(last_share, int | float) \
-            or not 0.0 < last_share <= 1.0:
-        raise ValueError(f"parallel.last_micro_batch_share must be in (0, 1] (1 = equal "
-                         f"micro-batches, e.g. 0.5 = half-size last micro-batch); got "
-                         f"{last_share!r}")
-
-
-def micro_batch_sizes(rows: int, micro_batches: int, last_share: float = 1.0) -> list[int]:
-    """Rows of each micro-batch: ``micro_batches`` parts (at most ``rows``), the last one
-    ``last_share`` times the size of the others, each at least one row; leftover rows go to
-    the first parts (``last_share = 1``: as ``tensor_split``)."""
-    if rows < 1:
-        raise ValueError("the batch is empty")
-    m = min(micro_batches, rows)
-    if m == 1:
-        return [rows]
-    base = rows / (m - 1 + last_share)
-    sizes = [int(base)] * (m - 1) + [max(1, int(base * last_share))]
-    for i in range(rows - sum(sizes)):  # leftover rows, front first
-        sizes[i % (m - 1) if last_share < 1.0 else i % m] += 1
-    return sizes

@@ -49,12 +49,7 @@ from dgn_dist.distributed.reduce import DEFAULT_BUCKET_BYTES, ByteCounter
 from dgn_dist.distributed.validate import ParallelDims
 from dgn_dist.game import Game, build_game
 from dgn_dist.pipeline.comm import Link, meta_copy, state_specs
-from dgn_dist.pipeline.options import (
-    PipelineOptions,
-    check_mode,
-    make_options,
-    micro_batch_sizes,
-)
+from dgn_dist.pipeline.options import PipelineOptions, check_mode, make_options
 from dgn_dist.pipeline.partition import partition_stages
 from dgn_dist.pipeline.passes import restore
 from dgn_dist.pipeline.schedule import Shard, Specs
@@ -101,11 +96,9 @@ class PipelineRunner:
 
     def __init__(self, model: nn.Module, game: Game, ranges: list[range], ctx: DistContext,
                  dims: ParallelDims, opts: PipelineOptions, *, micro_batches: int, mode: str,
-                 reducer: Reducer, pp_group: Any, shard: bool, grad_clip: float,
-                 last_share: float = 1.0) -> None:
+                 reducer: Reducer, pp_group: Any, shard: bool, grad_clip: float) -> None:
         self.model, self.game, self.ranges, self.ctx, self.dims = model, game, ranges, ctx, dims
         self.opts, self.micro_batches, self.mode = opts, micro_batches, mode
-        self.last_share = last_share
         self.grad_clip, self.pp_group, self.reducer = grad_clip, pp_group, reducer
         self.pp_rank, self.dp_rank = dims.coords(ctx.rank)
         mine = ranges[self.pp_rank]
@@ -136,7 +129,10 @@ class PipelineRunner:
 
     # -- helpers -----------------------------------------------------------------------
     def _sizes(self, rows: int, micro_batches: int) -> list[int]:
-        return micro_batch_sizes(rows, micro_batches, self.last_share)
+        if rows < 1:
+            raise ValueError("the batch is empty")
+        m = min(micro_batches, rows)
+        return [len(c) for c in torch.arange(rows).tensor_split(m)]
 
     def _spec_map(self, x: Tensor, sizes: list[int]) -> dict[int, Specs]:
         out = {}
@@ -342,8 +338,7 @@ def build_pipeline_runner(model: nn.Module, optimizer_kwargs: Mapping[str, Any],
                           game: Game | None = None, grad_clip: float = 0.0,
                           bucket_bytes: int = DEFAULT_BUCKET_BYTES,
                           grad_worker_fraction: float = 1.0,
-                          shard: bool = True,
-                          last_micro_batch_share: float = 1.0) -> PipelineRunner:
+                          shard: bool = True) -> PipelineRunner:
     """Build the pipelined DGNOpt of ``model`` on every rank (collective: builds the mesh).
 
     Args:
@@ -361,8 +356,6 @@ def build_pipeline_runner(model: nn.Module, optimizer_kwargs: Mapping[str, Any],
         bucket_bytes: dp all-reduce bucket size.
         grad_worker_fraction: KAISA fraction of the dp reducer.
         shard: move the other ranks' stages to the meta device (frees their memory).
-        last_micro_batch_share: size of the last micro-batch relative to the others
-            (``parallel.last_micro_batch_share``, :func:`~.options.micro_batch_sizes`).
 
     Raises:
         ValueError: invalid options, mode, partition or degrees (the message says what to
@@ -371,7 +364,7 @@ def build_pipeline_runner(model: nn.Module, optimizer_kwargs: Mapping[str, Any],
     from dgn_dist.distributed.dgnopt_dp import DataParallelReducer
 
     opts = make_options(optimizer_kwargs)
-    check_mode(mode, micro_batches, last_micro_batch_share)
+    check_mode(mode, micro_batches)
     if game is None:
         game = build_game(model, opts.alignment)  # type: ignore[arg-type]
     ranges = partition_stages(game, dims.pp, partition)
@@ -388,4 +381,4 @@ def build_pipeline_runner(model: nn.Module, optimizer_kwargs: Mapping[str, Any],
                                           grad_worker_fraction, dp_groups=dims.dp_groups())
     return PipelineRunner(model, game, ranges, ctx, dims, opts, micro_batches=micro_batches,
                           mode=mode, reducer=reducer, pp_group=pp_group, shard=shard,
-                          grad_clip=grad_clip, last_share=last_micro_batch_share)
+                          grad_clip=grad_clip)

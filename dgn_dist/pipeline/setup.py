@@ -40,7 +40,7 @@ def check_pipeline(cfg: Config, world_size: int, game: Game | None = None) -> Pa
     """
     par = cfg.parallel
     try:
-        check_mode(par.pipeline_mode, par.micro_batches, par.last_micro_batch_share)
+        check_mode(par.pipeline_mode, par.micro_batches)
     except ValueError as err:
         raise DistributedSetupError(str(err)) from err
     dims = check_parallel(par.pp, par.dp, world_size,
@@ -72,8 +72,7 @@ def runner_from_config(cfg: Config, model: nn.Module, ctx: DistContext) -> Pipel
         model, kwargs, ctx, dims, micro_batches=par.micro_batches, mode=par.pipeline_mode,
         partition=par.partition, game=game, grad_clip=par.grad_clip,
         bucket_bytes=max(1, int(par.bucket_mb * 2**20)),
-        grad_worker_fraction=par.grad_worker_fraction,
-        last_micro_batch_share=par.last_micro_batch_share)
+        grad_worker_fraction=par.grad_worker_fraction)
 
 
 __all__ = ["DistributedSetupError", "check_pipeline", "runner_from_config"]
