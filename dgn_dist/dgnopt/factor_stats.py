@@ -26,7 +26,7 @@ def input_stat(a: Tensor, block_widths: Sequence[int] = ()) -> Stat:
     """``A = mean_rows a aᵀ``; with two or more ``block_widths`` the cross blocks of ``A``
     between those column groups are zeroed (Theorem 6, first bullet)."""
     dt = stat_dtype(a.dtype)
-    a_stat = gram(a.to(dt)) / a.shape[0]
+    a_stat = gram(a.to(dt)).div_(a.shape[0])  # a fresh product: no second d x d buffer
     if len(block_widths) > 1:
         mask = torch.block_diag(*[torch.ones(w, w, dtype=dt, device=a.device)
                                   for w in block_widths])

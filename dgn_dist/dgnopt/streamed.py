@@ -58,6 +58,7 @@ class StreamedStats:
     finite: bool = True
     psi_blocks: set[int] = field(default_factory=set)
     input_blocks: set[int] = field(default_factory=set)
+    normalised: bool = False
 
     def start(self, blocks: list[Block], update_factors: bool, refresh: bool) -> None:
         """Begin the step (once): empty sums, no per-sample sums left over in the blocks."""
@@ -79,6 +80,8 @@ class StreamedStats:
 
     def add(self, index: int, stats: dict[str, Stat], num: int) -> None:
         """Add one micro-batch's statistics of block ``index`` (``num`` examples)."""
+        if self.normalised:
+            raise RuntimeError("StreamedStats.add after stats(): the means were already taken")
         sums = self.sums[index]
         for name, s in stats.items():
             if name not in sums:  # an owned copy: later micro-batches add in place
@@ -87,12 +90,17 @@ class StreamedStats:
                 sums[name][0].add_(s.value, alpha=num if s.mean else 1)
 
     def stats(self) -> list[dict[str, Stat]]:
-        """The whole batch's statistics in :meth:`Block.batch_stats` form."""
-        out = []
-        for block in self.sums:
-            out.append({name: s._replace(value=total / self.examples if s.mean else total)
-                        for name, (total, s) in block.items()})
-        return out
+        """The whole batch's statistics in :meth:`Block.batch_stats` form. The means are taken
+        in the sums' own memory (owned copies; a layer4 ``A`` is 4608² floats), once: later
+        calls return the same values and :meth:`add` is refused."""
+        if not self.normalised:
+            for block in self.sums:
+                for total, s in block.values():
+                    if s.mean:
+                        total.div_(self.examples)
+            self.normalised = True
+        return [{name: s._replace(value=total) for name, (total, s) in block.items()}
+                for block in self.sums]
 
 
 def input_blocks_due(blocks: list[Block], update_factors: bool) -> set[int]:

@@ -218,7 +218,7 @@ def batch_stats(a_rows: Tensor, g_rows: Tensor, num_examples: int) -> tuple[Tens
         raise ValueError(f"num_examples must be >= 1, got {num_examples}")
     a = a_rows.to(stat_dtype(a_rows.dtype))
     g = g_rows.to(stat_dtype(g_rows.dtype))
-    return gram(a) / a.shape[0], gram(g) / num_examples
+    return gram(a).div_(a.shape[0]), gram(g).div_(num_examples)  # fresh products
 
 
 @dataclass
@@ -328,8 +328,11 @@ def eigen_precondition(mat: Tensor, q_a: Tensor, q_g: Tensor, scale: Tensor,
 
 
 def _ema(old: Tensor | None, new: Tensor, decay: float) -> Tensor:
-    """``decay * old + (1 - decay) * new``; the first value is taken as is."""
-    return new.clone() if old is None else old.mul(decay).add_(new, alpha=1.0 - decay)
+    """``decay * old + (1 - decay) * new``, in ``old``'s memory (the factors are owned:
+    :meth:`KroneckerFactor.state_dict` and ``load_state_dict`` copy; a layer4 ``A`` is 4608²
+    floats, and a fresh product per step cost more than the arithmetic); the first value is
+    taken as is."""
+    return new.clone() if old is None else old.mul_(decay).add_(new, alpha=1.0 - decay)
 
 
 class KroneckerFactor:
