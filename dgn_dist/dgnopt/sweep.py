@@ -248,8 +248,9 @@ def rescale_gains(stage: Stage, solver: StageSolver, x_t: State, q_theta: list[T
     params = [p for v in views for p in v.params]
     if pieces is not None and need_jk:
         raise ValueError("rescale_gains: need_jk=True needs one linearisation, not pieces")
-    lin = (Linearization(stage, x_t) if lin is None else lin) if pieces is None else pieces[0][0]
-    parts = [(lin, u_next)] if pieces is None else list(pieces)
+    parts = list(pieces) if pieces is not None else [
+        (Linearization(stage, x_t) if lin is None else lin, u_next)]
+    lin = parts[0][0]
     scales: list[Tensor] = [torch.ones((), dtype=torch.float64)] * len(views)
     jk_total: list[Tensor] | None = None
     units = solver.rescale_units()
@@ -264,18 +265,14 @@ def rescale_gains(stage: Stage, solver: StageSolver, x_t: State, q_theta: list[T
                 for part, _ in parts] for members, _ in units]
     sums = []
     for (members, _), jk in zip(units, jks, strict=True):
-        if jk is None:
+        if jk is None:  # rows path: <ψ_{b,i}, k>
             assert batch is not None
-            coef = sum(_psi_dots(batch, views[n], n, k[n]) for n in members)
-            assert isinstance(coef, Tensor)
-            sums.append((coef.to(torch.float64) ** 2).sum())
-            continue
-        total = None
-        for (_, u_part), jk_part in zip(parts, jk, strict=True):
-            coef = sum(state_dots(u, j) for u, j in zip(u_part, jk_part, strict=False))
-            assert isinstance(coef, Tensor)
-            term = (coef.to(torch.float64) ** 2).sum()
-            total = term if total is None else total + term
+            coefs = [sum(_psi_dots(batch, views[n], n, k[n]) for n in members)]
+        else:  # <u_{b,i}, (J_θ k)_b>, part by part
+            coefs = [sum(state_dots(u, j) for u, j in zip(u_part, jk_part, strict=False))
+                     for (_, u_part), jk_part in zip(parts, jk, strict=True)]
+        total = sum((c.to(torch.float64) ** 2).sum() for c in coefs if isinstance(c, Tensor))
+        assert isinstance(total, Tensor)
         sums.append(total)
     gn_sums = torch.stack(sums)
     reducer.reduce([gn_sums], "scalar")
