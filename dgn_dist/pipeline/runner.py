@@ -22,14 +22,15 @@ batch statistics in the forward pass and running statistics are updated once per
 micro-batch (as in GPipe), while the sweep and update pass linearise around the local batch.
 ``stale_k`` propagates the value function with the previous iteration's open gain and
 curvature (the first step runs ``exact``). Skipped steps (non-finite values anywhere) are
-decided collectively: every rank restores its parameters and multiplies the damping by 10.
+decided collectively: every rank restores its parameters and BatchNorm running statistics
+and multiplies the damping by 10.
 """
 
 from __future__ import annotations
 
 import resource
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +49,7 @@ from dgn_dist.distributed.env import DistContext, build_device_mesh
 from dgn_dist.distributed.reduce import DEFAULT_BUCKET_BYTES, ByteCounter
 from dgn_dist.distributed.validate import ParallelDims
 from dgn_dist.game import Game, build_game
+from dgn_dist.pipeline import lookahead
 from dgn_dist.pipeline.comm import Link, meta_copy, state_specs
 from dgn_dist.pipeline.options import PipelineOptions, check_mode, make_options
 from dgn_dist.pipeline.partition import partition_stages
@@ -126,6 +128,9 @@ class PipelineRunner:
         self._times = dict.fromkeys(PASSES, 0.0)
         self._steps = 0
         self._activation_bytes = 0
+        self._ahead: lookahead.Lookahead | None = None  # ranks before the last
+        self._ahead_of: Tensor | None = None  # the batch run ahead for (every rank)
+        self._buffers = lookahead.running_buffers(list(own))
 
     # -- helpers -----------------------------------------------------------------------
     def _sizes(self, rows: int, micro_batches: int) -> list[int]:
@@ -143,24 +148,40 @@ class PipelineRunner:
             out[s] = self._specs[key]
         return out
 
-    def _allreduce(self, values: list[float]) -> list[float]:
+    def _allreduce(self, values: list[float],
+                   meanwhile: Callable[[], None] | None = None) -> list[float]:
+        """Sum ``values`` over the job; ``meanwhile`` runs while the sum is in flight (and
+        the forward's ``A`` statistics while it is awaited)."""
         t = torch.tensor(values, dtype=torch.float64, device=self.ctx.device)
+        work = None
         if self.ctx.distributed and self.ctx.world_size > 1:
             self.shard.link.counter.add("control", t.numel() * t.element_size())
-            dist.all_reduce(t)
+            work = dist.all_reduce(t, async_op=True)
+        if meanwhile is not None:
+            meanwhile()
+        if work is not None:
+            self.shard.link.wait([work], idle=self.shard.input_tasks)
         return t.tolist()
 
     def _skip(self, reason: str) -> None:
         skip_step(self.optimizer.param_groups[0], reason, "pipelined DGNOpt")
 
     # -- training ----------------------------------------------------------------------
-    def train_step(self, x: Tensor, y: Tensor) -> StepResult:
+    def train_step(self, x: Tensor, y: Tensor, next_x: Tensor | None = None) -> StepResult:
         """One DGNOpt iteration on this dp replica's batch ``x [B, ...]``, ``y [B]``.
 
         Every rank of a pipeline passes the same batch (only the first rank reads ``x`` and
         only the last reads ``y``); dp replicas pass equal-sized shards. Collective: every
         rank of the job must call it.
+
+        ``next_x``: the batch of the next call, when known (every rank passes it or none
+        does). The ranks before the last then run its forward pass while the last rank
+        finishes this step's update (:mod:`dgn_dist.pipeline.lookahead`); the results are
+        unchanged. A next call with another batch drops that forward and runs its own.
         """
+        if self._ahead_of is not None and not lookahead.same_batch(x, self._ahead_of):
+            self.drop_lookahead()  # another batch than announced: the forward is run again
+        self._ahead_of = None
         group = self.optimizer.param_groups[0]
         step, sh = int(group["dgn_step"]), self.shard
         dev = self.ctx.device
@@ -174,13 +195,15 @@ class PipelineRunner:
             if self.opts.use_factors else 0
         self.game.train()
         tick = time.perf_counter()
-        # Ranks before the last take the Kronecker A statistics from the forward pass and sum
-        # them while their sweep waits for the later ranks (Shard.forward); the last rank --
-        # and one process -- keep them in the sweep (stale_k: in finish_stage).
-        sums = [StreamedStats() for _ in sh.stages] if sh.next is not None and \
-            self.opts.use_factors and self.opts.curvature in ("kfac", "ekfac") else None
-        traj = sh.forward(x if sh.prev is None else None, sizes, specs, input_stats=sums,
-                          step=step)
+        boundary = lookahead.snapshot(self._buffers)  # running statistics, kept on a skip
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:  # run by the previous call (ranks before the last only)
+            traj, sums, sh.input_tasks = ahead.traj, ahead.sums, ahead.tasks
+            lookahead.load(self._buffers, ahead.buffers)
+        else:
+            sums = self._input_sums()
+            traj = sh.forward(x if sh.prev is None else None, sizes, specs, input_stats=sums,
+                              step=step)
         self._activation_bytes = sum(t.numel() * t.element_size() for tr in traj
                                      for st in tr for t in st)
         tock = time.perf_counter()
@@ -209,27 +232,86 @@ class PipelineRunner:
         tock = time.perf_counter()
         self._steps += 1
         res = None
+        ran_ahead = False
         if not failed:
             with frozen_batchnorm(self.game):
                 res = sh.update(traj, sols, sizes, specs, lr=lr,
                                 feedback_scale=float(group["feedback_scale"]))
+            ran_ahead = next_x is not None and self.dims.pp > 1
+            # The closing agreement waits for the last rank's update: the ranks before it run
+            # the next step's forward meanwhile (``next_x``).
+            meanwhile = (lambda: self._run_ahead(next_x, step + 1)) \
+                if ran_ahead and sh.next is not None else None
             if early:
-                (bad,) = self._allreduce([float(not res.finite)])
+                (bad,) = self._allreduce([float(not res.finite)], meanwhile)
             else:
                 loss_sum, correct, count, failed, bad = self._allreduce(
-                    [*shared, float(not res.finite)])
+                    [*shared, float(not res.finite)], meanwhile)
         self._times["update"] += time.perf_counter() - tock
         result = StepResult(loss_sum / max(count, 1), int(correct), int(count))
         if failed or bad:
             if res is not None:
                 restore(res.backups)
+            lookahead.load(self._buffers, boundary)  # no NaN running statistics either
+            if ran_ahead:  # run at the parameters just restored: void
+                self._ahead_of = next_x
+                self.drop_lookahead()
             self._skip("non-finite loss gradient, statistic or gain" if failed
                        else "non-finite update")
             return StepResult(result.loss, result.correct, result.count, True)
         assert sols is not None
         sh.k_prev = [s.k for s in sols]
         group["dgn_step"] += 1
+        self._ahead_of = next_x if ran_ahead else None
         return result
+
+    def _input_sums(self) -> list[StreamedStats] | None:
+        """Where the forward sums the Kronecker ``A`` statistics: ranks before the last take
+        them from the forward pass and sum them while their sweep waits for the later ranks
+        (Shard.forward); the last rank -- and one process -- keep them in the sweep
+        (stale_k: in finish_stage)."""
+        sh = self.shard
+        return [StreamedStats() for _ in sh.stages] if sh.next is not None and \
+            self.opts.use_factors and self.opts.curvature in ("kfac", "ekfac") else None
+
+    def _run_ahead(self, next_x: Tensor, step: int) -> None:
+        """The forward of the next step's batch (a rank before the last), its sends left
+        posted; the BatchNorm running statistics are put back until that step uses it."""
+        sh = self.shard
+        tick = time.perf_counter()
+        if sh.prev is None:
+            next_x = next_x.to(self.ctx.device)
+        sizes = self._sizes(next_x.shape[0], self.micro_batches)
+        before = lookahead.snapshot(self._buffers)
+        sums = self._input_sums()
+        traj = sh.forward(next_x if sh.prev is None else None, sizes,
+                          self._spec_map(next_x, sizes), input_stats=sums, step=step,
+                          flush=False)
+        after = lookahead.snapshot(self._buffers)
+        lookahead.load(self._buffers, before)
+        self._ahead = lookahead.Lookahead(traj, sums, sh.input_tasks, after)
+        spent = time.perf_counter() - tick  # counted as forward time, not the update's
+        self._times["forward"] += spent
+        self._times["update"] -= spent
+
+    def drop_lookahead(self) -> None:
+        """Void the forward the ranks before the last ran ahead for the next call (see
+        ``train_step``'s ``next_x``): they forget it, and the last rank receives and discards
+        the activations it was sent, so that the next step's messages match again. Called
+        by the loads and when the next call brings another batch; a no-op when none is
+        pending. Collective over the pipeline."""
+        sh, next_x = self.shard, self._ahead_of
+        if next_x is None:
+            return
+        self._ahead_of, self._ahead = None, None
+        sh.input_tasks = []
+        if sh.next is None and sh.prev is not None:
+            sizes = self._sizes(next_x.shape[0], self.micro_batches)
+            specs = self._spec_map(next_x, sizes)
+            for _, handle in [sh.link.recv(specs[s][sh.t0], sh.prev, "forward")
+                              for s in sizes]:
+                sh.link.wait(handle)
+        sh.link.flush()
 
     @torch.no_grad()
     def predict(self, x: Tensor) -> Tensor:
@@ -270,6 +352,7 @@ class PipelineRunner:
         Raises:
             KeyError: ``state`` lacks entries of the model.
         """
+        self.drop_lookahead()
         load_model_state(self.model, state)
         self.shard.k_prev = None
 
@@ -281,6 +364,7 @@ class PipelineRunner:
 
     def load_optimizer_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`optimizer_state_dict` (each rank loads its stages)."""
+        self.drop_lookahead()
         load_optimizer_state(self.shard, self.optimizer.param_groups[0], state,
                              self.ctx.device)
 

@@ -87,13 +87,16 @@ class Shard:
     # -- forward -----------------------------------------------------------------------
     def forward(self, x: Tensor | None, sizes: Sequence[int], specs: dict[int, Specs],
                 kind: str = "forward", input_stats: list[StreamedStats] | None = None,
-                step: int = 0) -> list[list[State]]:
+                step: int = 0, flush: bool = True) -> list[list[State]]:
         """GPipe forward over the micro-batches; returns ``traj[m][i] = X_{t0+i}``.
 
         ``input_stats`` (training, one per stage): the Kronecker ``A`` statistics of step
         ``step`` come from this forward's player inputs. They are queued in
         :attr:`input_tasks`, which the sweep runs while it waits for the later ranks (and
-        finishes before it reads them), instead of computing them from a second im2col."""
+        finishes before it reads them), instead of computing them from a second im2col.
+        ``flush=False`` leaves the sends posted (a forward run ahead of its step, whose
+        receiver posts its receives later: :mod:`dgn_dist.pipeline.lookahead`); the next
+        pass's flush waits for them."""
         t1 = self.t0 + len(self.stages)
         recvs = [self.link.recv(specs[s][self.t0], self.prev, kind) for s in sizes] \
             if self.prev is not None else []
@@ -120,7 +123,8 @@ class Shard:
                 traj.append(states)
                 if self.next is not None:
                     self.link.send(state, self.next, kind)
-        self.link.flush()
+        if flush:
+            self.link.flush()
         # Queued, not run: the sweep runs them while it waits for the later ranks' messages
         # (``Link.wait(..., idle=...)``), so neither the next rank nor this rank's sweep
         # waits for them.
