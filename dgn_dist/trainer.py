@@ -29,7 +29,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -118,6 +118,23 @@ class InterruptGuard:
     def __exit__(self, *exc: object) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
+
+
+def with_next_batch(batches: Iterable[tuple[Tensor, Tensor]], device: torch.device,
+                    ahead: bool) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
+    """``(x, y, next_x)`` on ``device``: with ``ahead``, ``next_x`` is the following batch's
+    ``x`` -- the very tensor the next item yields -- (``None`` at the end, and always without
+    ``ahead``), which a pipeline runs its forward on early."""
+    moved = ((x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+             for x, y in batches)
+    if not ahead:
+        yield from ((x, y, None) for x, y in moved)
+        return
+    current = next(moved, None)
+    while current is not None:
+        following = next(moved, None)
+        yield current[0], current[1], following[0] if following is not None else None
+        current = following
 
 
 @torch.no_grad()
@@ -393,10 +410,11 @@ def train(cfg: Config, on_step: StepHook | None = None) -> dict[str, Any]:
                 bar = progress(loader, epoch_steps, prog.position,
                                f"epoch {prog.epoch + 1}", show_bar)
                 model.train()
-                for x, y in bar:
+                for x, y, next_x in with_next_batch(bar, device, engine.runs_ahead):
                     consistent = False
-                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                    out = engine.train_step(x, y)
+                    if max_steps and prog.step + 1 >= max_steps:
+                        next_x = None  # the run's last step: no forward run ahead
+                    out = engine.train_step(x, y, next_x)
                     loss = out.loss
                     prog.step, prog.position = prog.step + 1, prog.position + 1
                     prog.samples += len(y) * par.dp  # equal local batches

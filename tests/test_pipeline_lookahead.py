@@ -128,3 +128,13 @@ def test_another_batch_or_a_load_drops_the_forward_run_ahead(scenario: str) -> N
     plain = run_distributed(_run, 2, "stale_k", scenario, False, timeout=120)
     for got, want in zip(ahead, plain, strict=True):
         _same(got, want)
+
+
+def test_the_trainer_announces_each_next_batch_as_the_tensor_it_then_trains_on() -> None:
+    from dgn_dist.trainer import with_next_batch
+
+    batches = [(torch.full((2, 1), float(i)), torch.tensor([i, i])) for i in range(3)]
+    items = list(with_next_batch(batches, torch.device("cpu"), ahead=True))
+    assert [float(x[0, 0]) for x, _, _ in items] == [0.0, 1.0, 2.0]
+    assert items[0][2] is items[1][0] and items[1][2] is items[2][0] and items[2][2] is None
+    assert all(n is None for _, _, n in with_next_batch(batches, torch.device("cpu"), False))

@@ -51,12 +51,15 @@ class LocalEngine:
 
     #: The step statistics are this replica's; the trainer sums them over the dp group.
     stats_are_local = True
+    #: Nothing to gain from knowing the next batch.
+    runs_ahead = False
 
     def __init__(self, model: nn.Module, optimizer: Optimizer,
                  autocast: torch.dtype | None = None) -> None:
         self.model, self.optimizer, self.autocast = model, optimizer, autocast
 
-    def train_step(self, x: Tensor, y: Tensor) -> StepOutput:
+    def train_step(self, x: Tensor, y: Tensor, next_x: Tensor | None = None) -> StepOutput:
+        del next_x  # see PipelineEngine
         with torch.autocast(x.device.type, dtype=self.autocast or torch.bfloat16,
                             enabled=self.autocast is not None):
             logits = self.model(x)
@@ -107,10 +110,14 @@ class PipelineEngine:
 
     def __init__(self, runner: Any) -> None:
         self.runner = runner
+        #: With more than one pipeline rank, the trainer passes the next batch (``next_x``).
+        self.runs_ahead: bool = runner.dims.pp > 1
         self.optimizer: Optimizer = runner.optimizer
 
-    def train_step(self, x: Tensor, y: Tensor) -> StepOutput:
-        res = self.runner.train_step(x, y)
+    def train_step(self, x: Tensor, y: Tensor, next_x: Tensor | None = None) -> StepOutput:
+        """``next_x``: the next call's batch, when known: the ranks before the last then run
+        its forward while the last rank finishes this step (:mod:`dgn_dist.pipeline.lookahead`)."""
+        res = self.runner.train_step(x, y, next_x)
         return StepOutput(torch.tensor(res.loss, dtype=torch.float64),
                           torch.tensor(res.correct, dtype=torch.int64), res.count)
 

@@ -15,10 +15,13 @@ twice the cores of ``pp=1``.
 
 For each ``pp=2`` row it also prints the lower bound of :func:`tail_bound`: stage ``t+1``'s
 step needs ``δX_{t+1} = F_t(X'_t, θ'_t) − X_{t+1}``, so it waits for stage ``t``'s step on the
-whole batch (Alg. 1 lines 8-12), and the ranks before the last have nothing left to do while
-the last rank runs its update pass. With the ranks' measured CPU time as the work, the bound
-says how far scheduling alone could go; with pp=1's work, how far it could go with no
-pipeline overhead.
+whole batch (Alg. 1 lines 8-12), and without the next batch the ranks before the last have
+nothing left to do while the last rank runs its update pass. With the ranks' measured CPU
+time as the work, the bound says how far scheduling alone could go; with pp=1's work, how far
+it could go with no pipeline overhead. By default every step announces the next batch
+(``train_step(x, y, next_x)``), so those ranks run the next forward in that window
+(:mod:`dgn_dist.pipeline.lookahead`) and the bound drops the idle term (``work / pp``);
+``--no-lookahead`` measures the schedule without it.
 
 Example: ``dgn-bench pipeline --models mnist_resnet,resnet18 --batch-size 64 --steps 3``.
 """
@@ -69,14 +72,18 @@ def _measure(rank: int, world: int, port: int, spec: dict[str, Any]) -> dict[str
     g = torch.Generator().manual_seed(1)
     x = torch.randn(spec["batch"], *shape, generator=g)
     y = torch.randint(0, 10, (spec["batch"],), generator=g)
-    for _ in range(spec["warmup"]):
-        runner.train_step(x, y)
+    # The next batch (the same one) is announced within the warm-up and within the timed
+    # steps, so each window sends one forward per step.
+    ahead = x if spec.get("lookahead", True) else None
+    for i in range(spec["warmup"]):
+        runner.train_step(x, y, next_x=None if i == spec["warmup"] - 1 else ahead)
     runner.comm_stats()
     times, losses = [], []
     cpu = time.process_time()
-    for _ in range(spec["steps"]):
+    for i in range(spec["steps"]):
         start = time.perf_counter()
-        losses.append(runner.train_step(x, y).loss)
+        last = i == spec["steps"] - 1
+        losses.append(runner.train_step(x, y, next_x=None if last else ahead).loss)
         times.append(time.perf_counter() - start)
     cpu = (time.process_time() - cpu) / spec["steps"]
     stats = runner.comm_stats()
@@ -120,7 +127,8 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:.2f}"
 
 
-def format_report(model: str, rows: list[tuple[str, list[dict[str, Any]]]]) -> str:
+def format_report(model: str, rows: list[tuple[str, list[dict[str, Any]]]],
+                  lookahead: bool = True) -> str:
     base = rows[0][1][0]["step_s"]
     lines = [f"== {model}", f"{'config':<14}{'step s':>9}{'x pp1':>7}  per rank: cpu s/step, "
              "forward/sweep/update s (p2p wait) | params/curv/act MiB | peak RSS growth MiB"]
@@ -140,12 +148,16 @@ def format_report(model: str, rows: list[tuple[str, list[dict[str, Any]]]]) -> s
     for name, ranks in rows[1:]:
         pp, last = len(ranks), ranks[-1]["stats"]
         # The update pass's time includes waiting for δX; every wait of the step is taken
-        # off it, so the tail (and the bound) can only be underestimated.
-        tail = max(0.0, last[f"time/update/rank{pp - 1}"] - last[f"time/p2p_wait/rank{pp - 1}"])
+        # off it, so the tail (and the bound) can only be underestimated. Running ahead, the
+        # others work through it: no idle term.
+        tail = 0.0 if lookahead else max(0.0, last[f"time/update/rank{pp - 1}"]
+                                         - last[f"time/p2p_wait/rank{pp - 1}"])
         work = sum(r["cpu_s"] for r in ranks)
+        idle = "the others run the next forward during the last rank's update" if lookahead \
+            else f"the last rank's update >= {tail:.2f} s with the others idle"
         lines.append(
-            f"  {name} bound: ranks' CPU {work:.2f} s in all ({work / base:.2f}x pp1's), the "
-            f"last rank's update >= {tail:.2f} s with the others idle -> step >= "
+            f"  {name} bound: ranks' CPU {work:.2f} s in all ({work / base:.2f}x pp1's), "
+            f"{idle} -> step >= "
             f"{tail_bound(work, tail, pp) / base:.3f}x pp1 (with pp1's work: "
             f"{tail_bound(base, tail, pp) / base:.3f}x)")
     for name, ranks in rows[1:]:
@@ -175,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--partition", default="uniform", help="pp=2 partition: uniform, params "
                    "or 'a,b' stage counts (default: %(default)s)")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads per process")
+    p.add_argument("--no-lookahead", dest="lookahead", action="store_false",
+                   help="do not announce the next batch (no forward run ahead)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per configuration")
     p.add_argument("--json", metavar="OUT", default=None, help="also write raw results")
     return p
@@ -200,15 +214,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     for model in models:
         common = {"model": model, "batch": args.batch_size, "steps": args.steps,
                   "warmup": args.warmup, "threads": args.threads, "timeout": args.timeout,
-                  "optim": optim, "partition": args.partition, "micro": args.micro_batches}
+                  "optim": optim, "partition": args.partition, "micro": args.micro_batches,
+                  "lookahead": args.lookahead}
         rows = [("pp1", run_config({**common, "pp": 1, "mode": "exact",
                                     "partition": "uniform"}))]
         print(format_report(model, rows), flush=True)
         for m in modes:
             rows.append((f"pp2 {m}", run_config({**common, "pp": 2, "mode": m})))
-            print(format_report(model, rows[:1] + rows[-1:]).split("\n", 3)[3], flush=True)
+            print(format_report(model, rows[:1] + rows[-1:], args.lookahead).split("\n", 3)[3],
+                  flush=True)
         raw[model] = {name: ranks for name, ranks in rows}
-        print(format_report(model, rows), flush=True)
+        print(format_report(model, rows, args.lookahead), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(raw, indent=1, default=str) + "\n")
     return 0
