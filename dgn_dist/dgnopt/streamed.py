@@ -79,13 +79,15 @@ class StreamedStats:
         return self.finite
 
     def add(self, index: int, stats: dict[str, Stat], num: int) -> None:
-        """Add one micro-batch's statistics of block ``index`` (``num`` examples)."""
+        """Add one micro-batch's statistics of block ``index`` (``num`` examples). The first
+        micro-batch's values become the sums: they must be fresh tensors that nothing else
+        reads (the blocks' ``batch_stats``/``input_stats`` compute new ones per call)."""
         if self.normalised:
             raise RuntimeError("StreamedStats.add after stats(): the means were already taken")
         sums = self.sums[index]
         for name, s in stats.items():
-            if name not in sums:  # an owned copy: later micro-batches add in place
-                sums[name] = (s.value * num if s.mean else s.value.clone(), s)
+            if name not in sums:  # taken over, scaled in place: a layer4 A is 4608² floats
+                sums[name] = (s.value.mul_(num) if s.mean else s.value, s)
             else:  # in place: a layer4 ``A`` is 4608² floats, a fresh sum per add cost 1 s
                 sums[name][0].add_(s.value, alpha=num if s.mean else 1)
 
