@@ -35,11 +35,15 @@ def _data() -> tuple[torch.Tensor, torch.Tensor]:
         torch.randint(0, 3, (STEPS, B), generator=g)
 
 
-def _runner(rank: int, world: int, mode: str) -> Any:
+def _runner(rank: int, world: int, mode: str) -> tuple[Any, slice]:
+    """pp = world, except 4 processes: pp=2 x dp=2 (then this replica's rows)."""
     ctx = DistContext(rank, world, rank, torch.device("cpu"), "gloo", "env", rank == 0)
-    partition = "2,2" if world == 2 else "2,1,1"
-    return build_pipeline_runner(_model(), OPTS, ctx, ParallelDims(world, 0, world),
-                                 micro_batches=2, mode=mode, partition=partition)
+    pp = 2 if world == 4 else world
+    dims = ParallelDims(pp, 0, world)
+    dp_rank = dims.coords(rank)[1]
+    rows = slice(dp_rank * B // dims.dp, (dp_rank + 1) * B // dims.dp)
+    return build_pipeline_runner(_model(), OPTS, ctx, dims, micro_batches=2, mode=mode,
+                                 partition="2,1,1" if pp == 3 else "2,2"), rows
 
 
 def _run(rank: int, world: int, mode: str, scenario: str, ahead: bool) -> dict[str, Any]:
@@ -49,8 +53,9 @@ def _run(rank: int, world: int, mode: str, scenario: str, ahead: bool) -> dict[s
     import dgn_dist.pipeline.schedule as schedule
 
     warnings.simplefilter("ignore", RuntimeWarning)  # the skip's warning; asserted by flag
-    runner = _runner(rank, world, mode)
+    runner, rows = _runner(rank, world, mode)
     xs, ys = _data()
+    xs, ys = xs[:, rows], ys[:, rows]
     if scenario == "nan":  # step 2 skips: its forward was run ahead, then the step after
         xs[2, 1] = float("nan")
     order = [0, 1, 2, 3]
@@ -95,8 +100,11 @@ def _same(got: dict[str, Any], want: dict[str, Any]) -> None:
     assert got["damping"] == want["damping"]
 
 
-@pytest.mark.parametrize(("mode", "world"), [("stale_k", 2), ("exact", 2), ("stale_k", 3)])
+@pytest.mark.parametrize(("mode", "world"), [("stale_k", 2), ("exact", 2), ("stale_k", 3),
+                                             ("stale_k", 4)])
 def test_running_ahead_trains_bitwise_the_same(mode: str, world: int) -> None:
+    """pp=2 in both modes, pp=3 (a middle rank runs ahead on what the first one sent) and
+    pp=2 x dp=2."""
     ahead = run_distributed(_run, world, mode, "plain", True, timeout=120)
     plain = run_distributed(_run, world, mode, "plain", False, timeout=120)
     start = _model().state_dict()
@@ -105,7 +113,8 @@ def test_running_ahead_trains_bitwise_the_same(mode: str, world: int) -> None:
     for rank, (got, want) in enumerate(zip(ahead, plain, strict=True)):
         _same(got, want)
         # every rank before the last ran STEPS - 1 forwards ahead; the last rank none
-        assert got["early"] == (STEPS - 1 if rank < world - 1 else 0)
+        last = rank >= 2 if world == 4 else rank == world - 1  # ranks 2, 3: pp rank 1
+        assert got["early"] == (0 if last else STEPS - 1)
         assert want["early"] == 0
 
 

@@ -5,6 +5,8 @@ Usage on every rank of a ``pp × dp`` job::
     runner = build_pipeline_runner(model, dgnopt_kwargs(cfg), ctx, dims, micro_batches=4)
     for x, y in loader:            # x, y: this dp replica's batch, the same on its pp ranks
         res = runner.train_step(x, y)          # StepResult, identical on every rank
+        # or train_step(x, y, next_x): the ranks before the last then run the next batch's
+        # forward while the last rank updates (dgn_dist.pipeline.lookahead; same results)
     logits = runner.predict(x_eval)            # every rank
     sd = runner.full_state_dict()              # the whole model, every rank (collective)
     scalars = runner.comm_stats()              # time/... comm/... memory/... (collective)
@@ -32,6 +34,7 @@ import resource
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -240,8 +243,8 @@ class PipelineRunner:
             ran_ahead = next_x is not None and self.dims.pp > 1
             # The closing agreement waits for the last rank's update: the ranks before it run
             # the next step's forward meanwhile (``next_x``).
-            meanwhile = (lambda: self._run_ahead(next_x, step + 1)) \
-                if ran_ahead and sh.next is not None else None
+            meanwhile = partial(self._run_ahead, next_x, step + 1) \
+                if next_x is not None and ran_ahead and sh.next is not None else None
             if early:
                 (bad,) = self._allreduce([float(not res.finite)], meanwhile)
             else:
