@@ -203,6 +203,33 @@ def test_non_finite_loss_skips_step_and_raises_damping() -> None:
     assert opt.param_groups[0]["skipped"] == 1
 
 
+def test_skipped_step_restores_the_forwards_batchnorm_running_statistics() -> None:
+    """A finite batch whose activations overflow leaves inf in the forward's running
+    statistics; when the step is then skipped (here: an infinite loss), they are back at
+    their values before the forward, and an evaluation afterwards is finite."""
+    from dgn_dist.models.blocks import ResidualBlock
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2), nn.Tanh(),
+                          ResidualBlock(2, 2, nn.Tanh, batch_norm=True), nn.Flatten(),
+                          nn.Linear(2 * 4 * 4, 3)).double()
+    opt = DGNOpt(model, lr=0.1, damping=1e-3)
+    _train(model, opt, _batches(1, 4, (1, 4, 4)))  # one ordinary step moves the statistics
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    x = torch.full((4, 1, 4, 4), 1e300, dtype=torch.float64)
+    x[0] = -1e300
+    logits = model(x)
+    assert not all(torch.isfinite(model.state_dict()[k]).all() for k in before)
+    (logits * float("inf")).sum().backward()
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        opt.step()
+    after = model.state_dict()
+    for key, value in before.items():
+        torch.testing.assert_close(after[key], value, rtol=0, atol=0, msg=key)
+    model.eval()
+    assert torch.isfinite(model(torch.randn(2, 1, 4, 4, dtype=torch.float64))).all()
+
+
 def test_repeated_skips_stop_at_the_damping_cap_with_a_clear_error() -> None:
     """The damping rises tenfold per skip up to MAX_DAMPING; a skip at the cap means the run
     diverged and ends it with what to change (it used to climb to inf)."""

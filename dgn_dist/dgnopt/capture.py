@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -33,6 +34,24 @@ def frozen_batchnorm(module: nn.Module) -> Iterator[None]:
     finally:
         for m in switched:
             m.track_running_stats = True
+
+
+def running_buffers(modules: Sequence[nn.Module]) -> list[Tensor]:
+    """The buffers a training forward changes: BatchNorm running statistics and counts."""
+    return [b for m in modules for sub in m.modules() if isinstance(sub, _BatchNorm)
+            for b in sub.buffers()]
+
+
+def snapshot(buffers: Sequence[Tensor]) -> list[Tensor]:
+    """Copies of ``buffers`` (for :func:`load` after a skipped step)."""
+    return [b.detach().clone() for b in buffers]
+
+
+def load(buffers: Sequence[Tensor], values: Sequence[Tensor]) -> None:
+    """Copy ``values`` into ``buffers`` in place."""
+    with torch.no_grad():
+        for b, v in zip(buffers, values, strict=True):
+            b.copy_(v)
 
 
 class PlayerTap:

@@ -46,7 +46,7 @@ from torch.optim import Optimizer
 
 from dgn_dist.dgnopt.alignment import AlignmentHook, check_alignments
 from dgn_dist.dgnopt.baselines import DiagRule, kl_clip_scale
-from dgn_dist.dgnopt.capture import frozen_batchnorm
+from dgn_dist.dgnopt.capture import frozen_batchnorm, load, running_buffers, snapshot
 from dgn_dist.dgnopt.gains import StageSolver, all_finite
 from dgn_dist.dgnopt.options import check_options
 from dgn_dist.dgnopt.reduction import LOCAL, Reducer
@@ -186,6 +186,7 @@ class DGNOpt(Optimizer):
         self._logits: Tensor | None = None
         self._vx: Tensor | None = None
         self.full_backward = full_backward
+        self._running: tuple[list[Tensor], list[Tensor]] | None = None
         self._handles = [model.register_forward_pre_hook(self._capture_input),
                          model.register_forward_hook(self._capture_output)]
 
@@ -193,6 +194,9 @@ class DGNOpt(Optimizer):
     def _capture_input(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         if module.training and torch.is_grad_enabled():
             self._x, self._logits, self._vx = args[0].detach(), None, None
+            # the running statistics before this forward changes them: a skip puts them back
+            buffers = running_buffers([module])
+            self._running = (buffers, snapshot(buffers))
 
     def _capture_output(self, module: nn.Module, args: tuple[Any, ...],
                         output: Tensor) -> Tensor | None:
@@ -271,9 +275,15 @@ class DGNOpt(Optimizer):
             self._skip(str(err))
         if hook is not None:
             hook.after_step(self)
+        self._running = None
         return loss
 
     def _skip(self, reason: str) -> None:
+        """No parameter changed; the captured forward's BatchNorm running statistics are put
+        back too (a non-finite batch would leave NaN there for every evaluation)."""
+        if self._running is not None:
+            load(*self._running)
+            self._running = None
         skip_step(self.param_groups[0], reason)
 
     def _iterate(self, x: Tensor, logits: Tensor, v_x: Tensor, group: dict[str, Any]) -> None:

@@ -25,27 +25,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from dgn_dist.dgnopt.capture import load, running_buffers, snapshot
 from dgn_dist.dgnopt.streamed import StreamedStats
 from dgn_dist.game.core import State
 
-
-def running_buffers(modules: list[nn.Module]) -> list[Tensor]:
-    """The buffers a training forward updates (BatchNorm running statistics and counts)."""
-    return [b for m in modules for b in m.buffers()]
-
-
-def snapshot(buffers: list[Tensor]) -> list[Tensor]:
-    """Copies of ``buffers``."""
-    return [b.detach().clone() for b in buffers]
-
-
-def load(buffers: list[Tensor], values: list[Tensor]) -> None:
-    """Copy ``values`` into ``buffers`` in place."""
-    with torch.no_grad():
-        for b, v in zip(buffers, values, strict=True):
-            b.copy_(v)
+__all__ = ["Lookahead", "load", "running_buffers", "snapshot", "same_batch"]
 
 
 def same_batch(x: Tensor, announced: Tensor) -> bool:
