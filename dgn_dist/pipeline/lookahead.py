@@ -11,7 +11,8 @@ sweep waits or, where the waits are too short, on the step's critical path.
 Nothing is computed differently: the same forward, the same statistics in the same order,
 at the same parameters. Only two effects need care:
 
-* BatchNorm running statistics change in a training forward. They are put back at once and
+* BatchNorm running statistics change in a training forward. They are put back at once
+  (:func:`dgn_dist.dgnopt.capture.snapshot` / ``load``, as on a skipped step) and
   the forward's values applied when the next step uses it, so that a checkpoint or an
   evaluation between the two steps sees the state of the step boundary.
 * The step can still be skipped (a non-finite value on a later rank). Its parameters are then
@@ -27,11 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from dgn_dist.dgnopt.capture import load, running_buffers, snapshot
 from dgn_dist.dgnopt.streamed import StreamedStats
 from dgn_dist.game.core import State
-
-__all__ = ["Lookahead", "load", "running_buffers", "snapshot", "same_batch"]
 
 
 def same_batch(x: Tensor, announced: Tensor) -> bool:

@@ -42,7 +42,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from dgn_dist.dgnopt.capture import frozen_batchnorm
+from dgn_dist.dgnopt.capture import frozen_batchnorm, load, running_buffers, snapshot
 from dgn_dist.dgnopt.gains import StageSolver
 from dgn_dist.dgnopt.reduction import LOCAL, Reducer
 from dgn_dist.dgnopt.skips import skip_step
@@ -133,7 +133,7 @@ class PipelineRunner:
         self._activation_bytes = 0
         self._ahead: lookahead.Lookahead | None = None  # ranks before the last
         self._ahead_of: Tensor | None = None  # the batch run ahead for (every rank)
-        self._buffers = lookahead.running_buffers(list(own))
+        self._buffers = running_buffers(list(own))
 
     # -- helpers -----------------------------------------------------------------------
     def _sizes(self, rows: int, micro_batches: int) -> list[int]:
@@ -198,11 +198,11 @@ class PipelineRunner:
             if self.opts.use_factors else 0
         self.game.train()
         tick = time.perf_counter()
-        boundary = lookahead.snapshot(self._buffers)  # running statistics, kept on a skip
+        boundary = snapshot(self._buffers)  # running statistics, kept on a skip
         ahead, self._ahead = self._ahead, None
         if ahead is not None:  # run by the previous call (ranks before the last only)
             traj, sums, sh.input_tasks = ahead.traj, ahead.sums, ahead.tasks
-            lookahead.load(self._buffers, ahead.buffers)
+            load(self._buffers, ahead.buffers)
         else:
             sums = self._input_sums()
             traj = sh.forward(x if sh.prev is None else None, sizes, specs, input_stats=sums,
@@ -255,7 +255,7 @@ class PipelineRunner:
         if failed or bad:
             if res is not None:
                 restore(res.backups)
-            lookahead.load(self._buffers, boundary)  # no NaN running statistics either
+            load(self._buffers, boundary)  # no NaN running statistics either
             if ran_ahead:  # run at the parameters just restored: void
                 self._ahead_of = next_x
                 self.drop_lookahead()
@@ -285,13 +285,13 @@ class PipelineRunner:
         if sh.prev is None:
             next_x = next_x.to(self.ctx.device)
         sizes = self._sizes(next_x.shape[0], self.micro_batches)
-        before = lookahead.snapshot(self._buffers)
+        before = snapshot(self._buffers)
         sums = self._input_sums()
         traj = sh.forward(next_x if sh.prev is None else None, sizes,
                           self._spec_map(next_x, sizes), input_stats=sums, step=step,
                           flush=False)
-        after = lookahead.snapshot(self._buffers)
-        lookahead.load(self._buffers, before)
+        after = snapshot(self._buffers)
+        load(self._buffers, before)
         self._ahead = lookahead.Lookahead(traj, sums, sh.input_tasks, after)
         spent = time.perf_counter() - tick  # counted as forward time, not the update's
         self._times["forward"] += spent
