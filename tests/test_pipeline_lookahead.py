@@ -1,7 +1,9 @@
 """The next step's forward run ahead (``train_step(x, y, next_x=...)``,
 :mod:`dgn_dist.pipeline.lookahead`): bitwise the same training as without it, with BatchNorm
 running statistics, in both modes, on 2 and 3 pipeline ranks; a skipped step, another batch
-than announced and a load in between drop it without a hang."""
+than announced and a load in between drop it without a hang. The ``stale_k`` stream reuses
+the input rows the forward formed for its ``A`` statistics: bitwise the same as forming them
+again."""
 
 from __future__ import annotations
 
@@ -62,14 +64,21 @@ def _run(rank: int, world: int, mode: str, scenario: str, ahead: bool) -> dict[s
     announced = list(order[1:]) + [None]
     if scenario == "other" and ahead:
         announced[1] = 3  # step 1 announces batch 3, but the next call brings batch 2
-    early_forwards = []
-    real = schedule.Shard.forward
+    early_forwards, reused = [], []
+    real, real_stream = schedule.Shard.forward, schedule.stream_stage
 
     def counting(self: Any, *args: Any, **kwargs: Any) -> Any:
         early_forwards.append(kwargs.get("flush", True) is False)
+        if scenario == "form_rows_again":
+            kwargs["keep_rows"] = False
         return real(self, *args, **kwargs)
 
+    def stream(*args: Any, **kwargs: Any) -> Any:
+        reused.append(len(kwargs.get("a_rows") or {}))
+        return real_stream(*args, **kwargs)
+
     schedule.Shard.forward = counting  # type: ignore[method-assign]
+    schedule.stream_stage = stream
     losses, skipped, mid = [], [], None
     try:
         for i, b in enumerate(order):
@@ -84,8 +93,9 @@ def _run(rank: int, world: int, mode: str, scenario: str, ahead: bool) -> dict[s
                     runner.load_full_state_dict(mid)
     finally:
         schedule.Shard.forward = real  # type: ignore[method-assign]
+        schedule.stream_stage = real_stream
     return {"state": runner.full_state_dict(), "losses": losses, "skipped": skipped,
-            "mid": mid, "early": sum(early_forwards), "damping":
+            "mid": mid, "early": sum(early_forwards), "reused": sum(reused), "damping":
             runner.optimizer.param_groups[0]["damping"]}
 
 
@@ -147,3 +157,18 @@ def test_the_trainer_announces_each_next_batch_as_the_tensor_it_then_trains_on()
     assert [float(x[0, 0]) for x, _, _ in items] == [0.0, 1.0, 2.0]
     assert items[0][2] is items[1][0] and items[1][2] is items[2][0] and items[2][2] is None
     assert all(n is None for _, _, n in with_next_batch(batches, torch.device("cpu"), False))
+
+
+@pytest.mark.parametrize("ahead", [True, False])
+def test_the_stream_reuses_the_forwards_input_rows_bitwise(ahead: bool) -> None:
+    """The first rank's stream takes the Kronecker input rows its forward formed for ``A``
+    (one per Kronecker player, micro-batch and streamed step) instead of forming them again;
+    the training is bitwise the same as forming them again."""
+    kept = run_distributed(_run, 2, "stale_k", "plain", ahead, timeout=120)
+    again = run_distributed(_run, 2, "stale_k", "form_rows_again", ahead, timeout=120)
+    # rank 0: stages conv+BN and the residual block's first layer (2 micro-batches each) in
+    # the 3 streamed steps; the last rank sums A from its stream's own rows
+    assert kept[0]["reused"] == 3 * 2 * 2 and again[0]["reused"] == 0
+    assert kept[1]["reused"] == 0
+    for got, want in zip(kept, again, strict=True):
+        _same(got, want)

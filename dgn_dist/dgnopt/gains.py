@@ -198,15 +198,19 @@ class StageSolver:
                 blk.psi_stats(psis)
 
     def accumulate_inputs(self, acc: StreamedStats, tap: PlayerTap, num: int, *,
-                          update_factors: bool, refresh: bool) -> None:
+                          update_factors: bool, refresh: bool,
+                          keep: dict[int, Tensor] | None = None) -> None:
         """Add the ``A`` statistics of one micro-batch's forward pass (``tap`` recorded the
         players' inputs) to ``acc``, for the Kronecker blocks that take them
-        (:func:`~dgn_dist.dgnopt.streamed.add_input_stats`)."""
+        (:func:`~dgn_dist.dgnopt.streamed.add_input_stats`). ``keep``: also store the input
+        rows there (by player index), for a later pass over the same inputs."""
         members = {n for i in input_blocks_due(self.blocks, update_factors)
                    for n in self.blocks[i].members}
         if not members:
             return
         rows = {n: self.views[n].a_rows(tap.input(n)) for n in sorted(members)}
+        if keep is not None:
+            keep.update(rows)
         add_input_stats(acc, self.blocks, rows, num, update_factors=update_factors,
                         refresh=refresh, finite=all_finite(list(rows.values())))
 

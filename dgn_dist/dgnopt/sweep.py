@@ -374,16 +374,20 @@ def feedback_consistency_scale(solver: StageSolver, batch: StageBatch,
 def _factor_pass(stage: Stage, views: list[PlayerView], x_t: State, u_next: State,
                  batch: StageBatch, tap: PlayerTap, need_value: bool, *,
                  shared: tuple[State, State] | None = None,
-                 retain_graph: bool = False) -> State:
+                 retain_graph: bool = False, a_rows: dict[int, Tensor] | None = None) -> State:
     """Pull the factors back through the stage in one autograd call (module docstring).
 
     ``shared = (out, xs)``: rank 1 only -- pull back through that forward of ``xs`` (its
     graph retained, ``tap`` recorded it with ``clone_outputs=True``, ``xs`` leaves when
     ``need_value``) instead of running the stage again; ``retain_graph`` keeps it for a
-    later VJP."""
+    later VJP. ``a_rows``: Kronecker input rows already formed from the same inputs (by
+    player index; the others are formed here)."""
     b, r = u_next[0].shape[0], u_next[0].shape[1]
     batch.rank = r
     for n, v in enumerate(views):
+        if a_rows is not None and n in a_rows and v.kron:
+            batch.a[n] = a_rows[n]
+            continue
         inp = tap.input(n)
         batch.a[n] = v.a_rows(inp) if v.kron else v.normalized_input(inp)
     if shared is not None:

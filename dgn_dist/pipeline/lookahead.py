@@ -46,9 +46,11 @@ class Lookahead:
         sums: the ``A`` statistics summed so far (``None`` without Kronecker curvature).
         tasks: the ``A`` statistics not yet summed (run in the next step's sweep waits).
         buffers: the running statistics after the forward (applied when it is used).
+        rows: the input rows those tasks keep for the stream (``Shard.kept_rows``).
     """
 
     traj: list[list[State]]
     sums: list[StreamedStats] | None
-    tasks: list[Callable[[], None]]
+    tasks: list[Callable[[], None]]  # schedule.InputTask items
     buffers: list[Tensor]
+    rows: dict[tuple[int, int], dict[int, Tensor]]

@@ -86,7 +86,8 @@ class StreamedStage:
 
 def stream_stage(stage: Stage, solver: StageSolver, x_t: State, vx_next: State,
                  u_next: State | None, k_prev: Sequence[Tensor], opts: SweepOptions,
-                 need_value: bool, acc: StreamedStage) -> tuple[State | None, State | None]:
+                 need_value: bool, acc: StreamedStage,
+                 a_rows: dict[int, Tensor] | None = None) -> tuple[State | None, State | None]:
     """One micro-batch through one stage of the ``stale_k`` sweep (module docstring).
 
     Args:
@@ -99,6 +100,8 @@ def stream_stage(stage: Stage, solver: StageSolver, x_t: State, vx_next: State,
         opts: switches (``feedback``, ``use_factors``).
         need_value: compute ``V_x^t``, ``U^t``.
         acc: accumulator of the stage's batch statistics (updated in place).
+        a_rows: the players' Kronecker input rows of this micro-batch, where the forward
+            pass already formed them (by player index).
 
     Returns:
         ``(V_x^t, U^t)`` of the micro-batch (``None`` where not needed).
@@ -128,7 +131,7 @@ def stream_stage(stage: Stage, solver: StageSolver, x_t: State, vx_next: State,
     if factors and u_next is not None:
         w = _factor_pass(stage, views, x_t, u_next, batch, tap, need_value,
                          shared=(out, xs) if share else None,
-                         retain_graph=share and need_value and not plain)
+                         retain_graph=share and need_value and not plain, a_rows=a_rows)
         acc.u_next.append(tuple(u.detach() for u in u_next))
         if acc.defer_inputs:  # only G streams for these blocks; A follows in finish_stage
             deferred = input_blocks_due(solver.blocks, opts.update_factors)

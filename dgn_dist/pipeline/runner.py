@@ -201,12 +201,13 @@ class PipelineRunner:
         boundary = snapshot(self._buffers)  # running statistics, kept on a skip
         ahead, self._ahead = self._ahead, None
         if ahead is not None:  # run by the previous call (ranks before the last only)
-            traj, sums, sh.input_tasks = ahead.traj, ahead.sums, ahead.tasks
+            traj, sums, sh.input_tasks, sh.kept_rows = ahead.traj, ahead.sums, ahead.tasks, \
+                ahead.rows
             load(self._buffers, ahead.buffers)
         else:
             sums = self._input_sums()
             traj = sh.forward(x if sh.prev is None else None, sizes, specs, input_stats=sums,
-                              step=step)
+                              step=step, keep_rows=self.mode == "stale_k")
         self._activation_bytes = sum(t.numel() * t.element_size() for tr in traj
                                      for st in tr for t in st)
         tock = time.perf_counter()
@@ -289,10 +290,10 @@ class PipelineRunner:
         sums = self._input_sums()
         traj = sh.forward(next_x if sh.prev is None else None, sizes,
                           self._spec_map(next_x, sizes), input_stats=sums, step=step,
-                          flush=False)
+                          flush=False, keep_rows=self.mode == "stale_k")
         after = snapshot(self._buffers)
         load(self._buffers, before)
-        self._ahead = lookahead.Lookahead(traj, sums, sh.input_tasks, after)
+        self._ahead = lookahead.Lookahead(traj, sums, sh.input_tasks, after, sh.kept_rows)
         spent = time.perf_counter() - tick  # counted as forward time, not the update's
         self._times["forward"] += spent
         self._times["update"] -= spent
@@ -307,7 +308,7 @@ class PipelineRunner:
         if next_x is None:
             return
         self._ahead_of, self._ahead = None, None
-        sh.input_tasks = []
+        sh.input_tasks, sh.kept_rows = [], {}
         if sh.next is None and sh.prev is not None:
             sizes = self._sizes(next_x.shape[0], self.micro_batches)
             specs = self._spec_map(next_x, sizes)

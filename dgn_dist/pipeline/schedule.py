@@ -46,6 +46,17 @@ Specs = list[list[TensorSpec]]  # per state X_0..X_T, per tensor of the tuple
 
 
 @dataclass
+class InputTask:
+    """The ``A`` statistics of one (local stage, micro-batch) of the forward pass, queued."""
+
+    key: tuple[int, int]
+    run: Callable[[], None]
+
+    def __call__(self) -> None:
+        self.run()
+
+
+@dataclass
 class Terminal:
     """The last rank's loss statistics of the local batch."""
 
@@ -82,12 +93,15 @@ class Shard:
     k_prev: list[list[Tensor]] | None = None
     terminal: Terminal = field(default_factory=Terminal)
     #: The forward pass's ``A`` statistics, not yet summed: run while the sweep waits.
-    input_tasks: list[Callable[[], None]] = field(default_factory=list)
+    input_tasks: list[Callable[[], None]] = field(default_factory=list)  # InputTask items
+    #: Kronecker input rows those tasks formed, by (local stage, micro-batch) and player,
+    #: for the ``stale_k`` stream to reuse (:meth:`forward`'s ``keep_rows``).
+    kept_rows: dict[tuple[int, int], dict[int, Tensor]] = field(default_factory=dict)
 
     # -- forward -----------------------------------------------------------------------
     def forward(self, x: Tensor | None, sizes: Sequence[int], specs: dict[int, Specs],
                 kind: str = "forward", input_stats: list[StreamedStats] | None = None,
-                step: int = 0, flush: bool = True) -> list[list[State]]:
+                step: int = 0, flush: bool = True, keep_rows: bool = False) -> list[list[State]]:
         """GPipe forward over the micro-batches; returns ``traj[m][i] = X_{t0+i}``.
 
         ``input_stats`` (training, one per stage): the Kronecker ``A`` statistics of step
@@ -96,13 +110,15 @@ class Shard:
         finishes before it reads them), instead of computing them from a second im2col.
         ``flush=False`` leaves the sends posted (a forward run ahead of its step, whose
         receiver posts its receives later: :mod:`dgn_dist.pipeline.lookahead`); the next
-        pass's flush waits for them."""
+        pass's flush waits for them. ``keep_rows`` (``stale_k``): those tasks keep the input
+        rows they form in :attr:`kept_rows`, so the stream of the same micro-batch does not
+        form them a second time (memory: the rows of every micro-batch until it streams)."""
         t1 = self.t0 + len(self.stages)
         recvs = [self.link.recv(specs[s][self.t0], self.prev, kind) for s in sizes] \
             if self.prev is not None else []
         chunks = x.split(list(sizes)) if x is not None else ()
         traj: list[list[State]] = []
-        taps: list[tuple[int, PlayerTap, int]] = []
+        taps: list[tuple[int, int, PlayerTap, int]] = []
         with torch.no_grad():
             for m in range(len(sizes)):
                 if self.prev is None:
@@ -118,7 +134,7 @@ class Shard:
                     else:  # record the players' inputs; the statistics follow below
                         with PlayerTap([v.player for v in self.solvers[i].views]) as tap:
                             state = stage(state)
-                        taps.append((i, tap, int(sizes[m])))
+                        taps.append((i, m, tap, int(sizes[m])))
                     states.append(state)
                 traj.append(states)
                 if self.next is not None:
@@ -134,12 +150,26 @@ class Shard:
         if input_stats is not None:
             for i, solver in enumerate(self.solvers):
                 input_stats[i].input_blocks |= input_blocks_due(solver.blocks, due)
-        self.input_tasks = [partial(
+        if input_stats is not None:
+            self.kept_rows = {(i, m): {} for i, m, _, _ in taps} if keep_rows else {}
+        self.input_tasks = [InputTask((i, m), partial(
             self.solvers[i].accumulate_inputs, input_stats[i], tap, num,  # type: ignore[index]
-            update_factors=due, refresh=step % self.opts.inverse_interval == 0)
-            for i, tap, num in taps]
+            update_factors=due, refresh=step % self.opts.inverse_interval == 0,
+            keep=self.kept_rows.get((i, m)))) for i, m, tap, num in taps]
         assert len(traj[0]) == t1 - self.t0 + 1
         return traj
+
+    def _kept_rows(self, i: int, m: int) -> dict[int, Tensor] | None:
+        """The input rows the forward formed for stage ``i``, micro-batch ``m`` (``None``
+        where none are kept). A task the waits left over runs now: its rows are formed once,
+        and each stage still adds its micro-batches in order."""
+        rows = self.kept_rows.pop((i, m), None)
+        if rows is not None and not rows:
+            due = [n for n, task in enumerate(self.input_tasks)
+                   if isinstance(task, InputTask) and task.key == (i, m)]
+            if due:
+                self.input_tasks.pop(due[0])()
+        return rows
 
     def _finish_input_tasks(self) -> None:
         """Run the ``A`` statistics the waits of the sweep left over (before they are read)."""
@@ -221,6 +251,7 @@ class Shard:
             terminal = ((v_x,), (u,) if u is not None else None)
         if stale and self.k_prev is not None and ok:
             return self._stream(traj, full, recvs, terminal, sizes, specs, r, opts, sums)
+        self.kept_rows = {}  # only the stream reads them
         if self.next is not None:
             msgs = []
             for bufs, handle in recvs:
@@ -286,12 +317,14 @@ class Shard:
                 continue
             for i in reversed(range(len(self.stages))):
                 vx_p, u_p = stream_stage(self.stages[i], self.solvers[i], traj[m][i], vx_t, u_t,
-                                         self.k_prev[i], opts, self.t0 + i > 0, accs[i])
+                                         self.k_prev[i], opts, self.t0 + i > 0, accs[i],
+                                         a_rows=self._kept_rows(i, m))
                 if vx_p is not None:
                     vx_t, u_t = vx_p, u_p
             if self.prev is not None:
                 self.link.send([*vx_t, *(u_t or ())], self.prev, "sweep")
         solutions: list[StageSolution] = [None] * len(self.stages)  # type: ignore[list-item]
+        self.kept_rows = {}
         if failed:
             self.input_tasks.clear()
             self.link.flush()
