@@ -150,7 +150,6 @@ class Shard:
         if input_stats is not None:
             for i, solver in enumerate(self.solvers):
                 input_stats[i].input_blocks |= input_blocks_due(solver.blocks, due)
-        if input_stats is not None:
             self.kept_rows = {(i, m): {} for i, m, _, _ in taps} if keep_rows else {}
         self.input_tasks = [InputTask((i, m), partial(
             self.solvers[i].accumulate_inputs, input_stats[i], tap, num,  # type: ignore[index]
