@@ -35,6 +35,7 @@ from torch import Tensor
 
 from dgn_dist.dgnopt.dots import rows_dot, sample_inner
 from dgn_dist.dgnopt.factor_stats import input_stat, joint_rows, kron_stats, output_stat
+from dgn_dist.dgnopt.feedback_rows import ProjectedInputs
 from dgn_dist.dgnopt.players import PlayerView
 from dgn_dist.dgnopt.proj_cache import Kept, Kind, ProjectionCache
 from dgn_dist.dgnopt.reduction import Stat
@@ -44,6 +45,7 @@ from dgn_dist.optim.kronecker import (
     KroneckerFactor,
     Mode,
     assemble_sum,
+    eigen_solve_projected,
     project_rows,
 )
 
@@ -245,6 +247,8 @@ class KronBlock(FactorBlock):
         #: the solver when a Gram matrix follows; :mod:`.proj_cache`).
         self.keep_projections = False
         self.kept = ProjectionCache()
+        #: This step's ``a Q_A`` for the update pass's feedback solve (:mod:`.feedback_rows`).
+        self.inputs_projected = ProjectedInputs()
 
     def rows(self, batch: StageBatch) -> tuple[Tensor, Tensor]:
         """Joint input rows and mean output rows of this step."""
@@ -316,6 +320,7 @@ class KronBlock(FactorBlock):
                                     g[chunk.start * r * locs:chunk.stop * r * locs], num,
                                     f.q_a[offset:offset + width], f.q_g))
             offset += width
+        self.inputs_projected.add(batch, chunk.start, self.members, out, f.q_a)
         return out
 
     def projected(self, chunk: PsiChunk, got: tuple[Kind, Kept] | None = None) -> Tensor:
@@ -336,6 +341,7 @@ class KronBlock(FactorBlock):
     def release(self) -> None:
         """Drop the kept projections (end of the stage's sweep)."""
         self.kept.release()
+        self.inputs_projected.end_batch()
 
     def psi_stats(self, psis: PsiRows) -> None:
         if self.zero_cross and len(self.widths) > 1:
@@ -403,3 +409,21 @@ class KronBlock(FactorBlock):
 
     def solve(self, rhs: Native) -> Native:
         return self.split(self.solve_joint(self.joint(rhs)))
+
+    def project_feedback(self, g_rows: Native, a_projected: Native) -> Tensor:
+        """``Q_Gᵀ M Q_A`` of the joint ``M = [g_1ᵀ a_1 | g_2ᵀ a_2 | ...]`` from the members'
+        output rows ``g_n`` and their kept ``a_n Q_A`` (:mod:`.feedback_rows`):
+        ``Σ_n Q_Gᵀ g_nᵀ (a_n Q_A)``, without the ``d_out d_in²`` product ``M Q_A``."""
+        f = self.factor
+        assert f.q_g is not None
+        inner = sum(g_rows[n].to(f.q_g.dtype).T @ a_projected[n] for n in self.members)
+        assert isinstance(inner, Tensor)
+        return f.q_g.T @ inner
+
+    def solve_projected(self, proj: Tensor) -> Native:
+        """:meth:`solve` of a right-hand side already in the eigenbasis
+        (:meth:`project_feedback`)."""
+        f = self.factor
+        assert f.q_a is not None and f.q_g is not None
+        return self.split(eigen_solve_projected(proj, f.q_a, f.q_g, f.eigen_scale(),
+                                                self.damping, self.views[0].theta().dtype))

@@ -17,7 +17,7 @@ The Gram matrix of the sweep, ``Γ_b[i, j] = <ψ_{b,i}, Q_θθ⁻¹ ψ_{b,j}>`` 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -301,6 +301,37 @@ class StageSolver:
         for kron in self._kron_blocks():
             kron.release()
 
+    # -- projected input rows for the feedback solve (dgn_dist.dgnopt.feedback_rows) -------
+    def keep_projected_inputs(self, examples: int) -> None:
+        """Start a step: Kronecker blocks keep the ``a Q_A`` their Gram terms form over its
+        ``examples`` samples for the update pass (``0``: none; drops a previous step's).
+        Not those inside cooperative pairs: their feedback solves the coupled system."""
+        for blk in self.blocks:
+            if isinstance(blk, KronBlock):
+                blk.inputs_projected.arm(examples)
+
+    def take_projected_inputs(self, examples: int) -> dict[int, dict[int, Tensor]]:
+        """By block index, the kept ``a Q_A`` of each member (blocks whose rows cover the
+        ``examples`` samples in their current basis); every block's are dropped."""
+        out: dict[int, dict[int, Tensor]] = {}
+        for i, blk in enumerate(self.blocks):
+            if isinstance(blk, KronBlock):
+                rows = blk.inputs_projected.take(examples, blk.factor.q_a)
+                if rows is not None and set(rows) == set(blk.members):
+                    out[i] = rows
+        return out
+
+    def project_feedback(self, kept: dict[int, dict[int, Tensor]],
+                         g_rows: dict[int, Tensor]) -> dict[int, Tensor]:
+        """By block index, ``Q_Gᵀ Q_θx δX Q_A`` from the kept ``a Q_A`` (``kept``, from
+        :meth:`take_projected_inputs`) and the members' output rows ``g_rows``."""
+        out: dict[int, Tensor] = {}
+        for i, rows in kept.items():
+            blk = self.blocks[i]
+            assert isinstance(blk, KronBlock)
+            out[i] = blk.project_feedback(g_rows, rows)
+        return out
+
     # -- solves ------------------------------------------------------------------------
     def open_rhs(self, q_theta: Sequence[Tensor]) -> list[Tensor]:
         """The right-hand sides of the open gain ``k``: ``Q_θ``, or what a baseline block
@@ -311,15 +342,22 @@ class StageSolver:
             out.update(blk.open_rhs(native))
         return [out.get(n, q) for n, q in enumerate(q_theta)]
 
-    def solve(self, rhs: Sequence[Tensor]) -> list[Tensor]:
+    def solve(self, rhs: Sequence[Tensor | None],
+              projected: Mapping[int, Tensor] | None = None) -> list[Tensor]:
         """``Q_θθ⁻¹ rhs`` for native-form right-hand sides (one per player, any leading dims).
 
+        ``projected``: by block index, a Kronecker block's right-hand side already in its
+        eigenbasis (:meth:`KronBlock.project_feedback`; its members' ``rhs`` are ``None``).
         Each player's solution is divided by its consistency scale (:meth:`set_scales`) and
         multiplied by ``gain_scale``."""
-        native = dict(enumerate(rhs))
+        native = {n: x for n, x in enumerate(rhs) if x is not None}
         out: Native = {}
-        for blk in self.blocks:
-            out.update(blk.solve(native))
+        for i, blk in enumerate(self.blocks):
+            if projected is not None and i in projected:
+                assert isinstance(blk, KronBlock)
+                out.update(blk.solve_projected(projected[i]))
+            else:
+                out.update(blk.solve(native))
         scales = self.scales
         sol = [out[n] / scales[n].to(out[n].dtype) if scales else out[n]
                for n in range(len(self.views))]

@@ -64,6 +64,9 @@ class SweepOptions:
         consistent_feedback: keep the open gain ``k`` but scale the curvature of the
             feedback and value terms up until it dominates the per-sample Gauss-Newton
             curvature (:func:`feedback_consistency_scale`; the Fig. 6 lift of a baseline).
+        examples: the step's local batch size where a stage sees it in micro-batches
+            (the pipeline's stream): its Kronecker blocks keep their ``a Q_A`` for the
+            feedback solve (:mod:`.feedback_rows`); ``0`` there keeps none.
     """
 
     feedback: bool
@@ -77,6 +80,7 @@ class SweepOptions:
     rescale: bool = False
     reducer: Reducer = LOCAL
     consistent_feedback: bool = False
+    examples: int = 0
 
 
 @dataclass
@@ -125,6 +129,8 @@ def sweep_stage(stage: Stage, solver: StageSolver, x_t: State, vx_next: State,
     views = solver.views
     params = [p for v in views for p in v.params]
     plain = not opts.feedback
+    # Γ below projects the input rows; the update pass's feedback solve reuses them
+    solver.keep_projected_inputs(x_t[0].shape[0] if need_value and opts.feedback else 0)
     xs = leaves(x_t) if need_value else tuple(s.detach() for s in x_t)
     factors = opts.use_factors and u_next is not None and bool(views or need_value)
     # Rank 1: the factor pass pulls U back through this same forward (no repeated samples).

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from dgn_dist.dgnopt.autodiff import vjp
-from dgn_dist.dgnopt.capture import contract_factors
+from dgn_dist.dgnopt.capture import PlayerTap, contract_factors
 from dgn_dist.dgnopt.gains import NonFiniteUpdate, StageSolver, all_finite
 from dgn_dist.dgnopt.reduction import LOCAL, Reducer
 from dgn_dist.dgnopt.sweep import StageSolution
@@ -47,19 +47,31 @@ def feedback_term(stage: Stage, solver: StageSolver, x_t: State, dx: State,
     on its primal and ``J_x δX`` as its tangent (:func:`.tangents.forward_with_tangent`),
     then one VJP, one solve. Also returns that primal, ``X_{t+1} = F_t(X_t, θ_t)`` at the old
     parameters (the update pass regenerates the old trajectory from it instead of keeping
-    it)."""
+    it).
+
+    Kronecker blocks that kept this step's ``a Q_A`` from the sweep
+    (:mod:`.feedback_rows`) take the cotangent at their players' outputs instead of the
+    weight gradient and form ``Q_Gᵀ Q_θx δX Q_A`` from those rows."""
     views = solver.views
-    params = [p for v in views for p in v.params]
-    with torch.enable_grad():
+    kept = solver.take_projected_inputs(x_t[0].shape[0])
+    fast = sorted(n for rows in kept.values() for n in rows)
+    slow = [n for n in range(len(views)) if n not in fast]
+    params = [p for n in slow for p in views[n].params]
+    with torch.enable_grad(), PlayerTap([views[n].player for n in fast],
+                                        clone_outputs=True) as tap:
         out, jx = forward_with_tangent(stage, x_t, dx)
         coef = contract_factors(u_next, jx)
-        grads = vjp(out, coef, params)
-    rhs, offset = [], 0
-    for v in views:
-        rhs.append(v.to_native([g.detach() for g in grads[offset:offset + len(v.params)]]))
-        offset += len(v.params)
-    reducer.reduce(rhs, "feedback")
-    return solver.solve(rhs), tuple(o.detach() for o in out)
+        grads = vjp(out, coef, params + [tap.output(i) for i in range(len(fast))])
+    rhs: list[Tensor | None] = [None] * len(views)
+    offset = 0
+    for n in slow:
+        size = len(views[n].params)
+        rhs[n] = views[n].to_native([g.detach() for g in grads[offset:offset + size]])
+        offset += size
+    g_rows = {n: views[n].g_rows(g) for n, g in zip(fast, grads[offset:], strict=True)}
+    projected = solver.project_feedback(kept, g_rows)
+    reducer.reduce([r for r in rhs if r is not None] + list(projected.values()), "feedback")
+    return solver.solve(rhs, projected), tuple(o.detach() for o in out)
 
 
 @torch.no_grad()

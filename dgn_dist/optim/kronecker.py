@@ -323,8 +323,15 @@ def projected_sq_grads(a_rows: Tensor, g_rows: Tensor, num_examples: int, q_a: T
 def eigen_precondition(mat: Tensor, q_a: Tensor, q_g: Tensor, scale: Tensor,
                        damping: float) -> Tensor:
     """``Q_G [(Q_Gᵀ M Q_A) / (scale + λ)] Q_Aᵀ``: the exact damped solve in the eigenbasis."""
-    proj = q_g.T @ mat.to(q_g.dtype) @ q_a
-    return (q_g @ (proj / (scale + damping)) @ q_a.T).to(mat.dtype)
+    return eigen_solve_projected(q_g.T @ mat.to(q_g.dtype) @ q_a, q_a, q_g, scale, damping,
+                                 mat.dtype)
+
+
+def eigen_solve_projected(proj: Tensor, q_a: Tensor, q_g: Tensor, scale: Tensor,
+                          damping: float, dtype: torch.dtype) -> Tensor:
+    """The second half of :func:`eigen_precondition`, from ``P = Q_Gᵀ M Q_A`` formed by the
+    caller: ``Q_G [P / (scale + λ)] Q_Aᵀ`` in ``dtype``."""
+    return (q_g @ (proj / (scale + damping)) @ q_a.T).to(dtype)
 
 
 def _ema(old: Tensor | None, new: Tensor, decay: float) -> Tensor:

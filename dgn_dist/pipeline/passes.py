@@ -109,6 +109,8 @@ def stream_stage(stage: Stage, solver: StageSolver, x_t: State, vx_next: State,
     views = solver.views
     params = [p for v in views for p in v.params]
     plain = not opts.feedback
+    if acc.num == 0:  # the step's first micro-batch: Γ's a Q_A kept for the feedback solve
+        solver.keep_projected_inputs(opts.examples if need_value and opts.feedback else 0)
     xs = leaves(x_t) if need_value else tuple(s.detach() for s in x_t)
     factors = opts.use_factors and u_next is not None and bool(views or need_value)
     # Rank 1: the factor pass pulls U back through this same forward (as in sweep_stage).

@@ -23,7 +23,7 @@ shapes, so every rank downstream fails the same step and the runner skips it col
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import torch
@@ -236,7 +236,7 @@ class Shard:
         ``input_stats``: what :meth:`forward` summed this step (one per stage)."""
         sums: list[StreamedStats | None] = list(input_stats) if input_stats is not None \
             else [None] * len(self.stages)
-        opts = self._sweep_opts(step, damping, weight_decay)
+        opts = replace(self._sweep_opts(step, damping, weight_decay), examples=sum(sizes))
         t1 = self.t0 + len(self.stages)
         recvs = [self.link.recv(self._message_specs(specs[s], t1, r), self.next, "sweep")
                  for s in sizes] if self.next is not None else []
