@@ -23,7 +23,7 @@ shapes, so every rank downstream fails the same step and the runner skips it col
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -191,13 +191,14 @@ class Shard:
                              batch_size=num * self.dp) if self.opts.use_factors else None
         return v_x, u, finite
 
-    def _sweep_opts(self, step: int, damping: float, weight_decay: float) -> SweepOptions:
+    def _sweep_opts(self, step: int, damping: float, weight_decay: float,
+                    examples: int) -> SweepOptions:
         o = self.opts
         return SweepOptions(feedback=o.feedback, use_factors=o.use_factors,
                             weight_decay=weight_decay, damping=damping, decay=o.ema_decay,
                             update_factors=step % o.factor_interval == 0,
                             refresh=step % o.inverse_interval == 0, record=False,
-                            rescale=o.rescaled, reducer=self.reducer)
+                            rescale=o.rescaled, reducer=self.reducer, examples=examples)
 
     def _message_specs(self, specs: Specs, index: int, r: int) -> list[TensorSpec]:
         states = specs[index]
@@ -236,7 +237,7 @@ class Shard:
         ``input_stats``: what :meth:`forward` summed this step (one per stage)."""
         sums: list[StreamedStats | None] = list(input_stats) if input_stats is not None \
             else [None] * len(self.stages)
-        opts = replace(self._sweep_opts(step, damping, weight_decay), examples=sum(sizes))
+        opts = self._sweep_opts(step, damping, weight_decay, sum(sizes))
         t1 = self.t0 + len(self.stages)
         recvs = [self.link.recv(self._message_specs(specs[s], t1, r), self.next, "sweep")
                  for s in sizes] if self.next is not None else []
