@@ -229,6 +229,7 @@ def test_bench_commands_reject_bad_arguments(capsys: pytest.CaptureFixture[str])
 
     assert bench.main(["--models", "vgg"]) == 2
     assert bench.main(["--batch-size", "10", "--micro-batches", "4"]) == 2
+    assert bench.main(["--rounds", "0"]) == 2
     assert convergence.main(["--batch-size", "6", "--micro-batches", "4"]) == 2
     assert "micro-batches" in capsys.readouterr().err
 
@@ -244,6 +245,24 @@ def test_tail_bound() -> None:
     for bad in ((0.0, 1.0, 2), (1.0, -1.0, 2), (1.0, 1.0, 0)):
         with pytest.raises(ValueError, match="work_s"):
             tail_bound(*bad)
+
+
+def test_rounds_report_the_median_of_per_round_ratios() -> None:
+    """Each pp2 run is divided by the pp1 of its own round; the slowest rank sets a step."""
+    from dgn_dist.pipeline.bench import format_rounds
+
+    def rnd(pp1: float, pp2: tuple[float, float]) -> list[tuple[str, list[dict[str, float]]]]:
+        return [("pp1", [{"step_s": pp1}]),
+                ("pp2 stale_k", [{"step_s": pp2[0]}, {"step_s": pp2[1]}])]
+
+    out = format_rounds("resnet18", [rnd(10.0, (6.0, 5.0)), rnd(20.0, (9.0, 10.0)),
+                                     rnd(16.0, (8.8, 8.0))]).splitlines()
+    assert out[0] == "== resnet18: 3 alternated rounds (step s; x pp1 of the same round)"
+    assert out[1].split()[-3:] == ["median", "16.000", "s"]  # pp1's steps 10, 20, 16
+    assert out[2].split()[-5:] == ["0.600", "0.500", "0.550", "median", "0.550"]
+    two = format_rounds("m", [rnd(10.0, (6.0, 5.0)), rnd(20.0, (9.0, 10.0))]).splitlines()
+    # per-round ratios 0.6 and 0.5: median 0.55; medians of the steps: 8.0 / 15.0 = 0.533
+    assert two[2].split()[-1] == "0.550"
 
 
 def test_grad_clip_matches_dgnopt() -> None:

@@ -23,6 +23,10 @@ it could go with no pipeline overhead. By default every step announces the next 
 (:mod:`dgn_dist.pipeline.lookahead`) and the bound drops the idle term (``work / pp``);
 ``--no-lookahead`` measures the schedule without it.
 
+``--rounds N`` runs every configuration N times, alternated (pp1, then each pp2 mode, again),
+and prints each pp2 step over the pp1 of the same round and the median of those ratios
+(:func:`format_rounds`): the machine's speed drifts between runs minutes apart.
+
 Example: ``dgn-bench pipeline --models mnist_resnet,resnet18 --batch-size 64 --steps 3``.
 """
 
@@ -32,6 +36,7 @@ import argparse
 import json
 import math
 import resource
+import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -129,11 +134,11 @@ def _mib(n: float) -> str:
 
 def format_report(model: str, rows: list[tuple[str, list[dict[str, Any]]]],
                   lookahead: bool = True) -> str:
-    base = rows[0][1][0]["step_s"]
+    base = step_time(rows[0][1])
     lines = [f"== {model}", f"{'config':<14}{'step s':>9}{'x pp1':>7}  per rank: cpu s/step, "
              "forward/sweep/update s (p2p wait) | params/curv/act MiB | peak RSS growth MiB"]
     for name, ranks in rows:
-        step = max(r["step_s"] for r in ranks)
+        step = step_time(ranks)
         per = []
         for i, r in enumerate(ranks):
             s = {k: r["stats"][f"{k}/rank{i}"] for k in r["stats"] if f"{k}/rank{i}" in
@@ -173,6 +178,30 @@ def format_report(model: str, rows: list[tuple[str, list[dict[str, Any]]]],
     return "\n".join(lines)
 
 
+def step_time(ranks: list[dict[str, Any]]) -> float:
+    """A configuration's step time: its slowest rank's mean step."""
+    return max(r["step_s"] for r in ranks)
+
+
+def format_rounds(model: str, rounds: list[list[tuple[str, list[dict[str, Any]]]]]) -> str:
+    """Step times over alternated rounds (each round runs every configuration once, pp1
+    first) and each ``pp2`` row's ratio to the pp1 of ITS round, with the median of those
+    ratios: on a shared machine the speed drifts between rounds more than within one, so a
+    ratio of two runs minutes apart says less than the median of per-round ratios."""
+    names = [name for name, _ in rounds[0]]
+    lines = [f"== {model}: {len(rounds)} alternated rounds (step s; x pp1 of the same round)"]
+    for i, name in enumerate(names):
+        steps = [step_time(rows[i][1]) for rows in rounds]
+        text = f"{name:<14}" + " ".join(f"{s:8.3f}" for s in steps) + \
+            f"   median {statistics.median(steps):.3f} s"
+        if i:
+            ratios = [step_time(rows[i][1]) / step_time(rows[0][1]) for rows in rounds]
+            text += "   x pp1: " + " ".join(f"{r:.3f}" for r in ratios) + \
+                f"   median {statistics.median(ratios):.3f}"
+        lines.append(text)
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dgn-bench pipeline", description=__doc__.split("\n")[0])
     p.add_argument("--models", default="mnist_resnet,resnet18",
@@ -181,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-batches", type=int, default=4)
     p.add_argument("--steps", type=int, default=3, help="timed steps (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps (default: %(default)s)")
+    p.add_argument("--rounds", type=int, default=1, help="alternated rounds of every "
+                   "configuration; with more than one, per-round ratios to pp1 and their "
+                   "median (default: %(default)s)")
     p.add_argument("--modes", default="exact,stale_k", help="pp=2 modes (default: %(default)s)")
     p.add_argument("--info", default="fne", choices=["olne", "fne", "gr"])
     p.add_argument("--curvature", default="kfac", choices=["identity", "diag", "kfac", "ekfac"])
@@ -204,10 +236,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in models if m not in MODELS] + [m for m in modes
                                                     if m not in ("exact", "stale_k")]
-    if bad or args.batch_size % args.micro_batches or min(args.steps, args.threads) < 1:
+    if bad or args.batch_size % args.micro_batches or \
+            min(args.steps, args.threads, args.rounds) < 1:
         print(f"error: bad --models/--modes {bad} or --batch-size not divisible by "
-              f"--micro-batches, or --steps/--threads < 1; models: {', '.join(MODELS)}, "
-              "modes: exact, stale_k", file=sys.stderr)
+              "--micro-batches, or --steps/--threads/--rounds < 1; models: "
+              f"{', '.join(MODELS)}, modes: exact, stale_k", file=sys.stderr)
         return 2
     optim = {"lr": 0.05, "info": args.info, "curvature": args.curvature, "damping": 0.1}
     raw: dict[str, Any] = {}
@@ -216,15 +249,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "warmup": args.warmup, "threads": args.threads, "timeout": args.timeout,
                   "optim": optim, "partition": args.partition, "micro": args.micro_batches,
                   "lookahead": args.lookahead}
-        rows = [("pp1", run_config({**common, "pp": 1, "mode": "exact",
-                                    "partition": "uniform"}))]
-        print(format_report(model, rows), flush=True)
-        for m in modes:
-            rows.append((f"pp2 {m}", run_config({**common, "pp": 2, "mode": m})))
-            print(format_report(model, rows[:1] + rows[-1:], args.lookahead).split("\n", 3)[3],
-                  flush=True)
-        raw[model] = {name: ranks for name, ranks in rows}
-        print(format_report(model, rows, args.lookahead), flush=True)
+        rounds: list[list[tuple[str, list[dict[str, Any]]]]] = []
+        for n in range(args.rounds):
+            rows = [("pp1", run_config({**common, "pp": 1, "mode": "exact",
+                                        "partition": "uniform"}))]
+            print(format_report(model, rows), flush=True)
+            for m in modes:
+                rows.append((f"pp2 {m}", run_config({**common, "pp": 2, "mode": m})))
+                print(format_report(model, rows[:1] + rows[-1:], args.lookahead)
+                      .split("\n", 3)[3], flush=True)
+            if args.rounds > 1:
+                print(f"-- round {n + 1} of {args.rounds}", flush=True)
+            rounds.append(rows)
+        raw[model] = {name: ranks for name, ranks in rounds[0]} if args.rounds == 1 else \
+            [{name: ranks for name, ranks in rows} for rows in rounds]
+        print(format_report(model, rounds[-1], args.lookahead), flush=True)
+        if args.rounds > 1:
+            print(format_rounds(model, rounds), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(raw, indent=1, default=str) + "\n")
     return 0
