@@ -153,12 +153,14 @@ def test_stream_with_the_current_gain_equals_the_exact_sweep(info: str, vxx: str
     sizes = [2, 4]
     parts = zip(split_rows(states[t], sizes), split_rows(vx_next, sizes),
                 split_rows(u_next, sizes), strict=True)
-    acc = StreamedStage()
+    acc = StreamedStage(defer_inputs=inputs == "finish")  # the last rank: Q_θ deferred too
     streamed = [stream_stage(stage, exact, xs, vs, us, sol.k, opts, True, acc)
                 for xs, vs, us in parts]
     for i in range(len(vx_t)):
         torch.testing.assert_close(torch.cat([s[0][i] for s in streamed]), vx_t[i])
         torch.testing.assert_close(torch.cat([s[1][i] for s in streamed]), u_t[i])
+    assert len(acc.pending_q) == (len(sizes) if inputs == "finish" else 0)
+    assert (acc.q_theta is None) == (inputs == "finish")
     acc2 = StreamedStage(defer_inputs=inputs == "finish")
     if inputs == "forward":  # marked when queued, as Shard.forward does
         acc2.stats.input_blocks |= input_blocks_due(fresh.blocks, opts.update_factors)
@@ -176,7 +178,11 @@ def test_stream_with_the_current_gain_equals_the_exact_sweep(info: str, vxx: str
                 stage(xs)
             fresh.accumulate_inputs(acc2.stats, tap, xs[0].shape[0],
                                     update_factors=opts.update_factors, refresh=opts.refresh)
+    assert len(acc2.pending_q) == (len(sizes) if inputs == "finish" else 0)
     sol2 = finish_stage(stage, fresh, states[t], acc2, opts)
+    assert not acc2.pending_q  # the deferred Q_θ pulled back: the same sum as the sweep's
+    for a, b in zip(sol2.q_theta, sol.q_theta, strict=True):
+        torch.testing.assert_close(a, b)
     for a, b in zip(sol2.k, sol.k, strict=True):
         torch.testing.assert_close(a, b)
     state_exact, state_streamed = exact.state(), fresh.state()

@@ -269,11 +269,16 @@ class StageSolver:
         for blk in psi_blocks:
             blk.end_psi_stats(decay)
 
+    def _reference(self) -> Tensor:
+        """A parameter: the dtype and device of ``Q_θ`` and of the per-sample sums (a
+        micro-batch of the pipeline's last rank streams without its ``Q_θ``)."""
+        return self.views[0].params[0]
+
     def iter_psi(self, batch: StageBatch, members: Sequence[int]) -> Iterator[PsiChunk]:
         """Per-sample gradients of ``members`` in chunks of samples (bounded memory), built
         lazily: Kronecker blocks project the rows instead (:meth:`KronBlock.projected`)."""
         per_sample = sum(int(self.views[n].theta().numel()) for n in members) * batch.rank
-        budget = chunk_elements(self.chunk_mb, batch.q_theta[0].device)
+        budget = chunk_elements(self.chunk_mb, self._reference().device)
         chunk = max(1, budget // max(per_sample, 1))
         for start in range(0, batch.num, chunk):
             yield PsiChunk(batch, self.views, members, start, min(batch.num, start + chunk))
@@ -398,7 +403,7 @@ class StageSolver:
         the others go through their solve. Releases the kept projections."""
         r = batch.rank
         scales = self.scales
-        g = batch.q_theta[0].new_zeros(batch.num, r, r)
+        g = self._reference().new_zeros(batch.num, r, r)
         for blk in self.blocks:  # each block in chunks of its own size (see _psi_pass)
             for psis in self.iter_psi(batch, blk.members):
                 term = self._gram_term(blk, psis, scales)
@@ -415,7 +420,7 @@ class StageSolver:
         if isinstance(blk, KronBlock) and (
                 not scales or all(scales[n] is scales[blk.members[0]] for n in blk.members)):
             coef = self.gain_scale / scales[blk.members[0]] if scales else self.gain_scale
-            return blk.gram_chunk(psis, coef).to(psis.batch.q_theta[0].dtype)
+            return blk.gram_chunk(psis, coef).to(self._reference().dtype)
         sol = blk.solve({n: psis[n] for n in blk.members})
         term = None
         for n in blk.members:

@@ -42,6 +42,7 @@ from dgn_dist.dgnopt.blocks import (
 )
 from dgn_dist.dgnopt.capture import PlayerTap, contract_factors, leaves
 from dgn_dist.dgnopt.gains import NonFiniteUpdate, StageSolver
+from dgn_dist.dgnopt.players import PlayerView
 from dgn_dist.dgnopt.reduction import Reducer
 from dgn_dist.dgnopt.streamed import StreamedStats, add_input_stats, input_blocks_due
 from dgn_dist.dgnopt.sweep import (
@@ -63,13 +64,18 @@ class StreamedStage:
 
     Attributes:
         defer_inputs: sum the Kronecker ``A`` statistics in :func:`finish_stage`, from the
-            micro-batches' input rows kept in ``inputs``, instead of while they stream. The
-            last pipeline rank does this: its stream is on the step's critical path, while
-            its ``finish_stage`` runs as the earlier ranks drain (the ranks before it sum
-            ``A`` in the forward pass instead, :meth:`~dgn_dist.pipeline.schedule.Shard.forward`).
+            micro-batches' input rows kept in ``inputs``, instead of while they stream, and
+            (with feedback) pull ``Q_θ`` back there too (``pending_q``). The last pipeline
+            rank does this: its stream is on the step's critical path, while its
+            ``finish_stage`` runs as the earlier ranks drain (the ranks before it sum ``A``
+            in the forward pass instead, :meth:`~dgn_dist.pipeline.schedule.Shard.forward`).
         lins: the micro-batches' recorded forwards, kept where the rescaling's JVPs need them
             (a stage whose BatchNorm couples the samples): :func:`finish_stage` runs those
             JVPs per micro-batch from them instead of a forward over the whole batch.
+        pending_q: with ``defer_inputs`` and feedback, each micro-batch's stage output (its
+            graph kept) and ``V_x^{t+1}``: ``Q_θ = VJP_θ(V_x^{t+1})`` is pulled back in
+            :func:`finish_stage`, in micro-batch order (the same sums), since only the fresh
+            gain reads it and the last rank's stream is the critical path.
     """
 
     q_theta: list[Tensor] | None = None
@@ -82,6 +88,7 @@ class StreamedStage:
     defer_inputs: bool = False
     inputs: dict[int, list[Tensor]] = field(default_factory=dict)  # player -> rows per mb
     lins: list[Linearization] = field(default_factory=list)  # per mb, for the rescaling
+    pending_q: list[tuple[State, State]] = field(default_factory=list)  # (out, V_x) per mb
 
 
 def stream_stage(stage: Stage, solver: StageSolver, x_t: State, vx_next: State,
@@ -117,23 +124,26 @@ def stream_stage(stage: Stage, solver: StageSolver, x_t: State, vx_next: State,
     share = factors and u_next is not None and u_next[0].shape[1] == 1
     with PlayerTap([v.player for v in views], clone_outputs=share) as tap:
         out, lin = recorded_forward(stage, xs)  # lin: the k_prev JVP reuses this forward
-    roots = list(params) + (list(xs) if need_value and plain else [])
-    grads = vjp(out, vx_next, roots, retain_graph=share or (need_value and not plain))
-    q_theta, offset = [], 0
-    for v in views:
-        q_theta.append(v.to_native([g.detach() for g in grads[offset:offset + len(v.params)]]))
-        offset += len(v.params)
-    acc.q_theta = q_theta if acc.q_theta is None else [
-        a + b for a, b in zip(acc.q_theta, q_theta, strict=True)]
-    vx_t: State | None = tuple(g.detach() for g in grads[offset:]) if need_value and plain \
-        else None
+    # Q_θ only feeds the fresh gain: the last rank pulls it back in finish_stage
+    defer_q = acc.defer_inputs and not plain and bool(params)
+    q_theta: list[Tensor] = []
+    vx_t: State | None = None
+    if defer_q:
+        acc.pending_q.append((out, vx_next))
+    else:
+        roots = list(params) + (list(xs) if need_value and plain else [])
+        grads = vjp(out, vx_next, roots, retain_graph=share or (need_value and not plain))
+        q_theta = _add_q_theta(acc, views, grads)
+        if need_value and plain:
+            vx_t = tuple(g.detach() for g in grads[len(params):])
     batch = StageBatch(num=x_t[0].shape[0], rank=1, q_theta=q_theta,
                        a=[None] * len(views), g=[None] * len(views))
     w: State | None = None
     if factors and u_next is not None:
         w = _factor_pass(stage, views, x_t, u_next, batch, tap, need_value,
                          shared=(out, xs) if share else None,
-                         retain_graph=share and need_value and not plain, a_rows=a_rows)
+                         retain_graph=share and (defer_q or need_value and not plain),
+                         a_rows=a_rows)
         acc.u_next.append(tuple(u.detach() for u in u_next))
         if acc.defer_inputs:  # only G streams for these blocks; A follows in finish_stage
             deferred = input_blocks_due(solver.blocks, opts.update_factors)
@@ -161,12 +171,26 @@ def stream_stage(stage: Stage, solver: StageSolver, x_t: State, vx_next: State,
             jk = tuple(torch.zeros_like(o) for o in out)
         corr = contract_factors(u_next, jk)  # Q_xθ k_prev before the pull-back
         vx_t = tuple(g.detach() for g in
-                     vjp(out, tuple(v - c for v, c in zip(vx_next, corr, strict=True)), xs))
+                     vjp(out, tuple(v - c for v, c in zip(vx_next, corr, strict=True)), xs,
+                         retain_graph=defer_q))
         u_t, _ = _refactor(solver, batch, w, views_present=bool(views))
     elif need_value and opts.use_factors:
         u_t = w
     solver.release()
     return vx_t, u_t
+
+
+def _add_q_theta(acc: StreamedStage, views: Sequence[PlayerView],
+                 grads: Sequence[Tensor]) -> list[Tensor]:
+    """One micro-batch's ``Q_θ`` per player (native form) from the parameter gradients that
+    lead ``grads``, added to ``acc.q_theta``; returns that micro-batch's share."""
+    q_theta, offset = [], 0
+    for v in views:
+        q_theta.append(v.to_native([g.detach() for g in grads[offset:offset + len(v.params)]]))
+        offset += len(v.params)
+    acc.q_theta = q_theta if acc.q_theta is None else [
+        a + b for a, b in zip(acc.q_theta, q_theta, strict=True)]
+    return q_theta
 
 
 def _cat(parts: list[list[Tensor | None]], n: int) -> Tensor | None:
@@ -209,6 +233,10 @@ def finish_stage(stage: Stage, solver: StageSolver, x_t: State, acc: StreamedSta
         NonFiniteUpdate: a statistic or the gain is not finite.
     """
     views = solver.views
+    params = [p for v in views for p in v.params]
+    for out, vx_next in acc.pending_q:  # deferred Q_θ, micro-batch by micro-batch
+        _add_q_theta(acc, views, vjp(out, vx_next, params))
+    acc.pending_q.clear()
     if acc.inputs:  # deferred A: one product over the whole batch's rows
         add_input_stats(acc.stats, solver.blocks,
                         {n: torch.cat(parts) for n, parts in acc.inputs.items()}, acc.num,
