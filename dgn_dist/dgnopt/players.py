@@ -126,3 +126,13 @@ class PlayerView:
     def _bn_param_names(self) -> list[str]:
         ids = {id(p): n for n, p in self.module.named_parameters(recurse=False)}
         return [ids[id(p)] for p in self.params]
+
+
+def native_grads(views: Sequence[PlayerView], grads: Sequence[Tensor]) -> list[Tensor]:
+    """Per view, its parameters' leading entries of ``grads`` (the views' parameters in
+    order; anything after them is ignored) in native form, detached."""
+    out, offset = [], 0
+    for v in views:
+        out.append(v.to_native([g.detach() for g in grads[offset:offset + len(v.params)]]))
+        offset += len(v.params)
+    return out

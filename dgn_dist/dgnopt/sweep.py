@@ -38,7 +38,7 @@ from dgn_dist.dgnopt.capture import (
 )
 from dgn_dist.dgnopt.dots import rows_dot, state_dots
 from dgn_dist.dgnopt.gains import StageSolver
-from dgn_dist.dgnopt.players import PlayerView
+from dgn_dist.dgnopt.players import PlayerView, native_grads
 from dgn_dist.dgnopt.reduction import LOCAL, Reducer
 from dgn_dist.dgnopt.streamed import StreamedStats
 from dgn_dist.dgnopt.tangents import Linearization, recorded_forward
@@ -139,15 +139,11 @@ def sweep_stage(stage: Stage, solver: StageSolver, x_t: State, vx_next: State,
         out, lin = recorded_forward(stage, xs)  # lin: the JVPs below reuse this forward
     roots = list(params) + (list(xs) if need_value and plain else [])
     grads = vjp(out, vx_next, roots, retain_graph=share or (need_value and not plain))
-    q_theta, offset = [], 0
-    for v in views:
-        g = grads[offset:offset + len(v.params)]
-        offset += len(v.params)
-        q_theta.append(v.to_native([gi.detach() for gi in g]))
+    q_theta = native_grads(views, grads)
     # Q_θ is a sum over examples: summed over the replicas while the factor pass runs.
     pending_q = opts.reducer.start(q_theta, "grad")
-    vx_t: State | None = tuple(g.detach() for g in grads[offset:]) if need_value and plain \
-        else None
+    vx_t: State | None = tuple(g.detach() for g in grads[len(params):]) \
+        if need_value and plain else None
 
     batch = StageBatch(num=x_t[0].shape[0], rank=1, q_theta=q_theta,
                        a=[None] * len(views), g=[None] * len(views))

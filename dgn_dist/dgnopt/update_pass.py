@@ -24,6 +24,7 @@ from torch import Tensor
 from dgn_dist.dgnopt.autodiff import vjp
 from dgn_dist.dgnopt.capture import PlayerTap, contract_factors
 from dgn_dist.dgnopt.gains import NonFiniteUpdate, StageSolver, all_finite
+from dgn_dist.dgnopt.players import native_grads
 from dgn_dist.dgnopt.reduction import LOCAL, Reducer
 from dgn_dist.dgnopt.sweep import StageSolution
 from dgn_dist.dgnopt.tangents import forward_with_tangent
@@ -63,12 +64,9 @@ def feedback_term(stage: Stage, solver: StageSolver, x_t: State, dx: State,
         coef = contract_factors(u_next, jx)
         grads = vjp(out, coef, params + [tap.output(i) for i in range(len(fast))])
     rhs: list[Tensor | None] = [None] * len(views)
-    offset = 0
-    for n in slow:
-        size = len(views[n].params)
-        rhs[n] = views[n].to_native([g.detach() for g in grads[offset:offset + size]])
-        offset += size
-    g_rows = {n: views[n].g_rows(g) for n, g in zip(fast, grads[offset:], strict=True)}
+    for n, native in zip(slow, native_grads([views[n] for n in slow], grads), strict=True):
+        rhs[n] = native
+    g_rows = {n: views[n].g_rows(g) for n, g in zip(fast, grads[len(params):], strict=True)}
     projected = solver.project_feedback(kept, g_rows)
     reducer.reduce([r for r in rhs if r is not None] + list(projected.values()), "feedback")
     return solver.solve(rhs, projected), tuple(o.detach() for o in out)

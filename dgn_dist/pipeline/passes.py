@@ -42,7 +42,7 @@ from dgn_dist.dgnopt.blocks import (
 )
 from dgn_dist.dgnopt.capture import PlayerTap, contract_factors, leaves
 from dgn_dist.dgnopt.gains import NonFiniteUpdate, StageSolver
-from dgn_dist.dgnopt.players import PlayerView
+from dgn_dist.dgnopt.players import PlayerView, native_grads
 from dgn_dist.dgnopt.reduction import Reducer
 from dgn_dist.dgnopt.streamed import StreamedStats, add_input_stats, input_blocks_due
 from dgn_dist.dgnopt.sweep import (
@@ -184,10 +184,7 @@ def _add_q_theta(acc: StreamedStage, views: Sequence[PlayerView],
                  grads: Sequence[Tensor]) -> list[Tensor]:
     """One micro-batch's ``Q_θ`` per player (native form) from the parameter gradients that
     lead ``grads``, added to ``acc.q_theta``; returns that micro-batch's share."""
-    q_theta, offset = [], 0
-    for v in views:
-        q_theta.append(v.to_native([g.detach() for g in grads[offset:offset + len(v.params)]]))
-        offset += len(v.params)
+    q_theta = native_grads(views, grads)
     acc.q_theta = q_theta if acc.q_theta is None else [
         a + b for a, b in zip(acc.q_theta, q_theta, strict=True)]
     return q_theta
