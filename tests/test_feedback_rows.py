@@ -16,15 +16,22 @@ from dgn_dist.dgnopt.blocks import KronBlock
 from dgn_dist.dgnopt.capture import frozen_batchnorm
 from dgn_dist.dgnopt.feedback_rows import ProjectedInputs
 from dgn_dist.dgnopt.gains import StageSolver
+from dgn_dist.dgnopt.reduction import LOCAL
 from dgn_dist.dgnopt.stage_batch import StageBatch
 from dgn_dist.dgnopt.sweep import SweepOptions, sweep_stage
 from dgn_dist.dgnopt.terminal import terminal_factors
-from dgn_dist.dgnopt.update_pass import feedback_term
+from dgn_dist.dgnopt.update_pass import FeedbackPrimal, feedback_primal, feedback_term
 from dgn_dist.game import Game
 from dgn_dist.models.blocks import ResidualBlock
 from dgn_dist.optim.kronecker import ExampleRows
 from dgn_dist.pipeline.comm import split_rows
-from dgn_dist.pipeline.passes import StreamedStage, finish_stage, stream_stage
+from dgn_dist.pipeline.passes import (
+    StreamedStage,
+    feedback_primals,
+    finish_stage,
+    stream_stage,
+    update_range,
+)
 
 DT = torch.float64
 B = 4
@@ -242,3 +249,98 @@ def test_optimizer_steps_equal_without_the_kept_rows(info: str, curvature: str,
     assert served >= 3 and none == 0
     for key, value in plain.items():
         torch.testing.assert_close(kept[key], value, rtol=1e-8, atol=1e-10, msg=key)
+
+
+def _swept_twice(net: str, vxx: str, t: int, curvature: str):  # type: ignore[no-untyped-def]
+    """One stage swept by two fresh solvers alike (the sweep keeps rows in each)."""
+    game = linear_residual("second") if net == "linear" else \
+        game_of(deep_net(net == "conv_bn"), "second")
+    states, vx_next, u_next = _to_stage(game, t, vxx)
+    stage = game.stage_list()[t]
+    info = "gr" if net == "linear" else "fne"
+    solvers = [StageSolver(stage, info, curvature) for _ in range(2)]
+    with frozen_batchnorm(game):
+        sols = [sweep_stage(stage, s, states[t], vx_next, u_next, _opts(), True)[0]
+                for s in solvers]
+    return game, stage, states[t], solvers, [s.u_next for s in sols]
+
+
+def _terms_equal(a: tuple[list[Tensor], tuple[Tensor, ...]],
+                 b: tuple[list[Tensor], tuple[Tensor, ...]]) -> bool:
+    return all(torch.equal(x, y) for x, y in zip([*a[0], *a[1]], [*b[0], *b[1]], strict=True))
+
+
+@pytest.mark.parametrize("curvature", ["kfac", "ekfac"])
+@pytest.mark.parametrize("vxx", ["empirical", "exact"])
+@pytest.mark.parametrize("net", ["conv", "conv_bn", "linear"])
+def test_feedback_forward_run_ahead_gives_the_same_term(curvature: str, vxx: str,
+                                                        net: str) -> None:
+    """``feedback_primal`` -- the feedback term's forward run before ``δX`` is known, as a
+    pipeline rank runs it while ``δX`` is on its way -- then ``feedback_term`` from it gives
+    exactly the term and primal of ``feedback_term``'s own forward: with the sweep's kept
+    rows (the projected path) and, once taken, without them (the weight gradients). A
+    forward run at another trajectory changes the term: it is the one read."""
+    torch.manual_seed(0)
+    game, stage, x_t, solvers, u_next = _swept_twice(net, vxx, 2, curvature)
+    dx = tuple(0.1 * torch.randn_like(s) for s in x_t)
+    with frozen_batchnorm(game):
+        for kept in (True, False):
+            assert any(b.inputs_projected.count for b in _kron(solvers[1])) == kept
+            own = feedback_term(stage, solvers[0], x_t, dx, u_next[0])
+            ahead = feedback_primal(stage, solvers[1], x_t)
+            got = feedback_term(stage, solvers[1], x_t, dx, u_next[1], primal=ahead)
+            assert _terms_equal(own, got)
+        elsewhere = feedback_primal(stage, solvers[1], tuple(1.5 * s for s in x_t))
+        moved = feedback_term(stage, solvers[1], x_t, dx, u_next[1], primal=elsewhere)
+    assert not _terms_equal(own, moved)
+
+
+def _range_update(game: Game, x: Tensor, dx_scale: float, ahead: str) -> list[Tensor]:
+    """Sweep every stage, then ``update_range`` over stages ``1 …`` from a ``δX_1`` as a
+    previous rank sends it; ``ahead``: ``none``, ``all`` (every task of
+    ``feedback_primals`` run first) or ``moved`` (those forwards at a moved trajectory).
+    Returns the parameters after it and ``δX`` out of the range."""
+    stages = game.stage_list()
+    states = game.trajectory(x)
+    logits = states[-1][0]
+    vx: tuple[Tensor, ...] = (torch.softmax(logits, 1) / B,)
+    u: tuple[Tensor, ...] = (terminal_factors(logits, vx[0], "empirical"),)
+    solvers = [StageSolver(s, "fne", "kfac") for s in stages]
+    sols = []
+    with frozen_batchnorm(game):
+        for t in reversed(range(len(stages))):
+            sol, vx_prev, u_prev = sweep_stage(stages[t], solvers[t], states[t], vx, u,
+                                               _opts(damping=1.0), need_value=t > 0)
+            sols.insert(0, sol)
+            if vx_prev is not None and u_prev is not None:
+                vx, u = vx_prev, u_prev
+        dx = tuple(dx_scale * torch.ones_like(s) for s in states[1])
+        primals: dict[int, FeedbackPrimal] = {}
+        moved = [tuple(1.5 * s for s in st) for st in states[1:]]
+        tasks = feedback_primals(stages[1:], solvers[1:], states[1:] if ahead != "moved"
+                                 else moved, list(range(len(stages) - 1)), primals)
+        assert len(tasks) == len(stages) - 1
+        if ahead != "none":
+            for task in tasks:
+                task()
+            assert sorted(primals) == list(range(len(stages) - 1))
+        res = update_range(stages[1:], solvers[1:], states[1:], sols[1:],
+                           tuple(a + d for a, d in zip(states[1], dx, strict=True)), dx,
+                           lr=0.1, feedback_scale=1.0, feedback=True, reducer=LOCAL,
+                           primals=primals)
+    assert res.finite
+    return [p.detach().clone() for p in game.parameters()] + list(res.dx)
+
+
+def test_update_range_with_the_feedback_forwards_run_ahead_is_unchanged() -> None:
+    """``update_range`` from forwards run ahead (:func:`feedback_primals`, what a rank runs
+    while it waits for ``δX``) changes the parameters exactly as without them; forwards run
+    at another trajectory change them (the update reads what was run ahead)."""
+    results = {}
+    for ahead in ("none", "all", "moved"):
+        torch.manual_seed(0)
+        game = game_of(deep_net(True), "second")
+        results[ahead] = _range_update(game, torch.randn(B, 1, 4, 4, dtype=DT), 0.1, ahead)
+    assert all(torch.equal(a, b) for a, b in zip(results["none"], results["all"], strict=True))
+    assert not all(torch.equal(a, b)
+                   for a, b in zip(results["none"], results["moved"], strict=True))

@@ -20,6 +20,7 @@ from dgn_dist.distributed.env import DistContext
 from dgn_dist.distributed.validate import ParallelDims
 from dgn_dist.game import Game
 from dgn_dist.pipeline import build_pipeline_runner
+from dgn_dist.pipeline.comm import IdleQueue, Link
 
 B, STEPS = 8, 3
 BASE = {"lr": 0.2, "damping": 0.1, "curvature": "kfac", "inverse_interval": 1}
@@ -165,6 +166,46 @@ def _fixed_batch(rank: int, world: int, opts: dict[str, Any]) -> list[list[float
         runner, _ = _runner(rank, world, "conv", opts, 2, 2, mode, "2,2")
         out.append([runner.train_step(x, y).loss for _ in range(8)])
     return out
+
+
+def _ahead_or_late(rank: int, world: int, mode: str) -> list[tuple[Any, ...]]:
+    """Train with the update's feedback forwards run in the waits -- every wait first runs
+    all its tasks, so each rank runs all it can ahead, whatever the timing -- and without."""
+    wait = Link.wait
+
+    def drain_then_wait(self: Link, handle: Any, idle: Any = None) -> None:
+        queue = IdleQueue(idle) if isinstance(idle, list) else idle
+        while queue:
+            queue.run_next()
+        wait(self, handle)
+
+    out = []
+    opts = {**BASE, "info": "fne", "vxx": "exact", "rank": 2}
+    for ahead in (True, False):
+        model = _model("conv")
+        ctx = DistContext(rank, world, rank, torch.device("cpu"), "gloo", "env", rank == 0)
+        runner = build_pipeline_runner(model, opts, ctx, ParallelDims(2, 0, world),
+                                       micro_batches=2, mode=mode, partition="2,2",
+                                       feedback_ahead=ahead)
+        Link.wait = drain_then_wait  # type: ignore[method-assign]
+        try:
+            losses = [runner.train_step(x, y).loss for x, y in zip(*_data("conv"), strict=True)]
+        finally:
+            Link.wait = wait  # type: ignore[method-assign]
+        out.append((runner.full_state_dict(), losses,
+                    runner.local_stats()["overlap/feedback_ahead"]))
+    return out
+
+
+@pytest.mark.parametrize("mode", ["exact", "stale_k"])
+def test_feedback_forwards_run_ahead_change_nothing(mode: str) -> None:
+    """``parallel.feedback_ahead``: the update pass's feedback forwards run in the waits of
+    the sweep (the first rank, for its second stage) and of ``δX`` (the last rank, for both
+    its stages) give the parameters and losses of the run without, bit for bit."""
+    for (ahead, late) in run_distributed(_ahead_or_late, 2, mode):
+        assert ahead[2] == 1.0 and late[2] == 0.0  # every one ran ahead, or none
+        assert ahead[1] == late[1]
+        assert all(torch.equal(ahead[0][k], v) for k, v in late[0].items())
 
 
 def _predict(rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:

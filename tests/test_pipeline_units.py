@@ -228,6 +228,9 @@ def test_runner_from_config_single_process_equals_dgnopt() -> None:
     for key, value in ref.state_dict().items():
         torch.testing.assert_close(model.state_dict()[key], value, rtol=1e-10, atol=1e-12)
     assert runner.optimizer.param_groups[0]["dgn_step"] == 2
+    assert runner.shard.feedback_ahead  # parallel.feedback_ahead's default
+    cfg.parallel.feedback_ahead = False
+    assert not runner_from_config(cfg, conv_residual(), ctx).shard.feedback_ahead
 
 
 def test_bench_commands_reject_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
@@ -236,8 +239,19 @@ def test_bench_commands_reject_bad_arguments(capsys: pytest.CaptureFixture[str])
     assert bench.main(["--models", "vgg"]) == 2
     assert bench.main(["--batch-size", "10", "--micro-batches", "4"]) == 2
     assert bench.main(["--rounds", "0"]) == 2
+    assert bench.main(["--feedback-ahead", "sometimes"]) == 2
     assert convergence.main(["--batch-size", "6", "--micro-batches", "4"]) == 2
     assert "micro-batches" in capsys.readouterr().err
+
+
+def test_bench_runs_each_mode_with_and_without_the_feedback_forwards_ahead() -> None:
+    from dgn_dist.pipeline.bench import pp2_configs
+
+    modes = ["exact", "stale_k"]
+    assert pp2_configs(modes, "on") == [("exact", True), ("stale_k", True)]
+    assert pp2_configs(modes, "off") == [("exact", False), ("stale_k", False)]
+    assert pp2_configs(modes, "both") == [("exact", True), ("exact", False),
+                                          ("stale_k", True), ("stale_k", False)]
 
 
 def test_tail_bound() -> None:

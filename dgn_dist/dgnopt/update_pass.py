@@ -27,10 +27,11 @@ from dgn_dist.dgnopt.gains import NonFiniteUpdate, StageSolver, all_finite
 from dgn_dist.dgnopt.players import native_grads
 from dgn_dist.dgnopt.reduction import LOCAL, Reducer
 from dgn_dist.dgnopt.sweep import StageSolution
-from dgn_dist.dgnopt.tangents import forward_with_tangent
+from dgn_dist.dgnopt.tangents import Linearization, forward_with_tangent, recorded_forward
 from dgn_dist.game.core import Stage, State
 
-__all__ = ["NonFiniteUpdate", "UpdateRecord", "feedback_term", "update_pass"]
+__all__ = ["FeedbackPrimal", "NonFiniteUpdate", "UpdateRecord", "feedback_primal",
+           "feedback_term", "update_pass"]
 
 
 @dataclass
@@ -41,14 +42,39 @@ class UpdateRecord:
     feedback_norm: dict[str, Tensor] = field(default_factory=dict)
 
 
+@dataclass
+class FeedbackPrimal:
+    """The forward of :func:`feedback_term` at the old trajectory and parameters, run before
+    ``δX`` is known (a pipeline rank runs it while it waits for ``δX``): the primal with its
+    autograd graph, a :class:`~.tangents.Linearization` that gives ``J_x δX`` from that same
+    forward, and every player's output (cloned: the VJP roots of the players that take the
+    projected path)."""
+
+    out: State
+    lin: Linearization
+    tap: PlayerTap
+
+
+def feedback_primal(stage: Stage, solver: StageSolver, x_t: State) -> FeedbackPrimal:
+    """:class:`FeedbackPrimal` of ``stage`` at ``X_t`` (the stage's parameters not yet
+    updated; BatchNorm frozen by the caller, as for :func:`feedback_term`)."""
+    xs = tuple(s.detach() for s in x_t)
+    with torch.enable_grad(), PlayerTap([v.player for v in solver.views],
+                                        clone_outputs=True) as tap:
+        out, lin = recorded_forward(stage, xs)
+    return FeedbackPrimal(out, lin, tap)
+
+
 def feedback_term(stage: Stage, solver: StageSolver, x_t: State, dx: State,
-                  u_next: State, reducer: Reducer = LOCAL) -> tuple[list[Tensor], State]:
+                  u_next: State, reducer: Reducer = LOCAL,
+                  primal: FeedbackPrimal | None = None) -> tuple[list[Tensor], State]:
     """``K δX = Q_θθ⁻¹ Q_θx δX`` in native form; the weighted gradient ``Q_θx δX`` is a sum
     over examples, summed over the replicas (``reducer``). One forward gives the VJP graph
     on its primal and ``J_x δX`` as its tangent (:func:`.tangents.forward_with_tangent`),
     then one VJP, one solve. Also returns that primal, ``X_{t+1} = F_t(X_t, θ_t)`` at the old
     parameters (the update pass regenerates the old trajectory from it instead of keeping
-    it).
+    it). ``primal``: that forward, run already (:func:`feedback_primal`); the tangent then
+    comes from its linearization, with the same values.
 
     Kronecker blocks that kept this step's ``a Q_A`` from the sweep
     (:mod:`.feedback_rows`) take the cotangent at their players' outputs instead of the
@@ -58,11 +84,17 @@ def feedback_term(stage: Stage, solver: StageSolver, x_t: State, dx: State,
     fast = sorted(n for rows in kept.values() for n in rows)
     slow = [n for n in range(len(views)) if n not in fast]
     params = [p for n in slow for p in views[n].params]
-    with torch.enable_grad(), PlayerTap([views[n].player for n in fast],
-                                        clone_outputs=True) as tap:
-        out, jx = forward_with_tangent(stage, x_t, dx)
+    if primal is None:
+        with torch.enable_grad(), PlayerTap([views[n].player for n in fast],
+                                            clone_outputs=True) as tap:
+            out, jx = forward_with_tangent(stage, x_t, dx)
+        outputs = [tap.output(i) for i in range(len(fast))]
+    else:
+        out, jx = primal.out, primal.lin.jvp(dx)
+        outputs = [primal.tap.output(n) for n in fast]
+    with torch.enable_grad():
         coef = contract_factors(u_next, jx)
-        grads = vjp(out, coef, params + [tap.output(i) for i in range(len(fast))])
+        grads = vjp(out, coef, params + outputs)
     rhs: list[Tensor | None] = [None] * len(views)
     for n, native in zip(slow, native_grads([views[n] for n in slow], grads), strict=True):
         rhs[n] = native

@@ -73,7 +73,8 @@ def _measure(rank: int, world: int, port: int, spec: dict[str, Any]) -> dict[str
                       "env" if world > 1 else "none", rank == 0)
     runner = build_pipeline_runner(model, spec["optim"], ctx, ParallelDims(spec["pp"], 1, world),
                                    micro_batches=spec["micro"], mode=spec["mode"],
-                                   partition=spec["partition"])
+                                   partition=spec["partition"],
+                                   feedback_ahead=spec.get("feedback_ahead", True))
     g = torch.Generator().manual_seed(1)
     x = torch.randn(spec["batch"], *shape, generator=g)
     y = torch.randint(0, 10, (spec["batch"],), generator=g)
@@ -135,7 +136,7 @@ def _mib(n: float) -> str:
 def format_report(model: str, rows: list[tuple[str, list[dict[str, Any]]]],
                   lookahead: bool = True) -> str:
     base = step_time(rows[0][1])
-    lines = [f"== {model}", f"{'config':<14}{'step s':>9}{'x pp1':>7}  per rank: cpu s/step, "
+    lines = [f"== {model}", f"{'config':<18}{'step s':>9}{'x pp1':>7}  per rank: cpu s/step, "
              "forward/sweep/update s (p2p wait) | params/curv/act MiB | peak RSS growth MiB"]
     for name, ranks in rows:
         step = step_time(ranks)
@@ -149,7 +150,7 @@ def format_report(model: str, rows: list[tuple[str, list[dict[str, Any]]]],
                        f"{_mib(s['memory/curvature_bytes'])}/"
                        f"{_mib(s['memory/activations_bytes'])} | "
                        f"{_mib(s['memory/peak_rss_bytes'] - r['rss0'])}")
-        lines.append(f"{name:<14}{step:>9.3f}{step / base:>7.2f}  " + "  ;  ".join(per))
+        lines.append(f"{name:<18}{step:>9.3f}{step / base:>7.2f}  " + "  ;  ".join(per))
     for name, ranks in rows[1:]:
         pp, last = len(ranks), ranks[-1]["stats"]
         # The update pass's time includes waiting for δX; every wait of the step is taken
@@ -192,7 +193,7 @@ def format_rounds(model: str, rounds: list[list[tuple[str, list[dict[str, Any]]]
     lines = [f"== {model}: {len(rounds)} alternated rounds (step s; x pp1 of the same round)"]
     for i, name in enumerate(names):
         steps = [step_time(rows[i][1]) for rows in rounds]
-        text = f"{name:<14}" + " ".join(f"{s:8.3f}" for s in steps) + \
+        text = f"{name:<18}" + " ".join(f"{s:8.3f}" for s in steps) + \
             f"   median {statistics.median(steps):.3f} s"
         if i:
             ratios = [step_time(rows[i][1]) / step_time(rows[0][1]) for rows in rounds]
@@ -200,6 +201,13 @@ def format_rounds(model: str, rounds: list[list[tuple[str, list[dict[str, Any]]]
                 f"   median {statistics.median(ratios):.3f}"
         lines.append(text)
     return "\n".join(lines)
+
+
+def pp2_configs(modes: Sequence[str], feedback_ahead: str) -> list[tuple[str, bool]]:
+    """The pp=2 configurations of a round: each mode, with the feedback forwards run ahead
+    (``on``), after ``δX`` (``off``) or both ways, in that order."""
+    aheads = {"on": [True], "off": [False], "both": [True, False]}[feedback_ahead]
+    return [(m, ahead) for m in modes for ahead in aheads]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -221,6 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="intra-op threads per process")
     p.add_argument("--no-lookahead", dest="lookahead", action="store_false",
                    help="do not announce the next batch (no forward run ahead)")
+    p.add_argument("--feedback-ahead", default="on", choices=["on", "off", "both"],
+                   help="pp=2: run the update's feedback forwards in the waits "
+                   "(parallel.feedback_ahead); both: each mode with it ('pp2 MODE') and "
+                   "without ('pp2 MODE late') in every round (default: %(default)s)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per configuration")
     p.add_argument("--json", metavar="OUT", default=None, help="also write raw results")
     return p
@@ -254,8 +266,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows = [("pp1", run_config({**common, "pp": 1, "mode": "exact",
                                         "partition": "uniform"}))]
             print(format_report(model, rows), flush=True)
-            for m in modes:
-                rows.append((f"pp2 {m}", run_config({**common, "pp": 2, "mode": m})))
+            for m, ahead in pp2_configs(modes, args.feedback_ahead):
+                rows.append((f"pp2 {m}" + ("" if ahead else " late"),
+                             run_config({**common, "pp": 2, "mode": m,
+                                         "feedback_ahead": ahead})))
                 print(format_report(model, rows[:1] + rows[-1:], args.lookahead)
                       .split("\n", 3)[3], flush=True)
             if args.rounds > 1:

@@ -70,6 +70,25 @@ def factor_specs(states: Sequence[TensorSpec], r: int) -> list[TensorSpec]:
     return [TensorSpec((s.shape[0], r, *s.shape[1:]), s.dtype) for s in states]
 
 
+class IdleQueue:
+    """Work for a rank's waits (:meth:`Link.wait`), in order of priority: the first list's
+    tasks, then the next list's. Each list is consumed in place, so its owner sees what is
+    left of it."""
+
+    def __init__(self, *lists: list[Callable[[], None]]) -> None:
+        self.lists = lists
+
+    def __bool__(self) -> bool:
+        return any(self.lists)
+
+    def run_next(self) -> None:
+        """Pop and run the first task of the first list that has one."""
+        for tasks in self.lists:
+            if tasks:
+                tasks.pop(0)()
+                return
+
+
 @dataclass
 class Link:
     """Posts a pass's sends and receives to pipeline neighbours and counts the bytes.
@@ -100,13 +119,16 @@ class Link:
         if ops:
             self._pending.append((dist.batch_isend_irecv(ops), bufs))
 
-    def wait(self, handle: Any, idle: list[Callable[[], None]] | None = None) -> None:
+    def wait(self, handle: Any,
+             idle: list[Callable[[], None]] | IdleQueue | None = None) -> None:
         """Block until a posted receive has arrived. With ``idle`` tasks, run them (popped
         from the front) until it has: a watcher thread waits for the message meanwhile (gloo
         has no polling: ``Work.is_completed`` stays false until someone waits, and the wait
         releases the GIL)."""
         errors: list[BaseException] = []
         watcher: threading.Thread | None = None
+        if isinstance(idle, list):
+            idle = IdleQueue(idle)
         if idle:
             arrived = threading.Event()
 
@@ -122,7 +144,7 @@ class Link:
             watcher = threading.Thread(target=watch, name="pipeline-recv", daemon=True)
             watcher.start()
             while idle and not arrived.is_set():
-                idle.pop(0)()
+                idle.run_next()
         start = time.perf_counter()
         if watcher is not None:
             watcher.join()

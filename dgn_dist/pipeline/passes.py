@@ -25,7 +25,7 @@ parameter backups so that the schedule can roll back every rank together.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -54,7 +54,12 @@ from dgn_dist.dgnopt.sweep import (
     rescale_gains,
 )
 from dgn_dist.dgnopt.tangents import Linearization, recorded_forward
-from dgn_dist.dgnopt.update_pass import apply_steps, feedback_term
+from dgn_dist.dgnopt.update_pass import (
+    FeedbackPrimal,
+    apply_steps,
+    feedback_primal,
+    feedback_term,
+)
 from dgn_dist.game.core import Stage, State
 
 
@@ -278,10 +283,29 @@ class RangeUpdate:
     backups: list[tuple[Tensor, Tensor]]
 
 
+def feedback_primals(stages: Sequence[Stage], solvers: Sequence[StageSolver],
+                     states: Sequence[State], which: Sequence[int],
+                     into: dict[int, FeedbackPrimal]) -> list[Callable[[], None]]:
+    """Tasks that run the feedback terms' forwards of :func:`update_range` for the local
+    stages ``which`` (in that order) ahead, into ``into`` by local stage: a rank runs them
+    while it waits for messages (``Link.wait``'s ``idle``). Each is the forward at the old
+    trajectory and parameters, which the update pass would otherwise run once ``δX`` has
+    arrived; the tasks left over are not run (:func:`update_range` runs those forwards
+    itself)."""
+
+    def task(t: int) -> Callable[[], None]:
+        def run() -> None:
+            into[t] = feedback_primal(stages[t], solvers[t], states[t])
+        return run
+
+    return [task(t) for t in which]
+
+
 def update_range(stages: Sequence[Stage], solvers: Sequence[StageSolver],
                  states: Sequence[State], solutions: Sequence[StageSolution] | None,
                  x_new: State, dx: State | None, *, lr: float, feedback_scale: float,
-                 feedback: bool, reducer: Reducer, ok: bool = True) -> RangeUpdate:
+                 feedback: bool, reducer: Reducer, ok: bool = True,
+                 primals: Mapping[int, FeedbackPrimal] | None = None) -> RangeUpdate:
     """The update pass (Alg. 1 lines 8-12) over consecutive stages ``t0 … t1-1``.
 
     Args:
@@ -293,6 +317,8 @@ def update_range(stages: Sequence[Stage], solvers: Sequence[StageSolver],
             :func:`dgn_dist.dgnopt.update_pass.update_pass`.
         ok: ``False`` (this range's sweep failed; ``solutions`` may be ``None``): change
             nothing and return NaN, as after a non-finite step.
+        primals: by local stage, the feedback terms' forwards run already
+            (:func:`feedback_primals`).
 
     Returns:
         ``X'_t1``, ``δX_t1``, whether every step was finite (a non-finite step is not applied,
@@ -306,7 +332,8 @@ def update_range(stages: Sequence[Stage], solvers: Sequence[StageSolver],
         if finite:
             assert solutions is not None
             sol = solutions[t]
-            kdx = feedback_term(stage, solver, states[t], dx, sol.u_next, reducer)[0] \
+            kdx = feedback_term(stage, solver, states[t], dx, sol.u_next, reducer,
+                                (primals or {}).get(t))[0] \
                 if feedback and feedback_scale != 0.0 and dx is not None and \
                 sol.u_next is not None else None
             steps = [lr * sol.k[n] if kdx is None else lr * sol.k[n] +

@@ -36,10 +36,24 @@ from dgn_dist.dgnopt.reduction import Reducer
 from dgn_dist.dgnopt.streamed import StreamedStats, input_blocks_due
 from dgn_dist.dgnopt.sweep import StageSolution, SweepOptions, sweep_stage
 from dgn_dist.dgnopt.terminal import terminal_factors
+from dgn_dist.dgnopt.update_pass import FeedbackPrimal
 from dgn_dist.game.core import Stage, State
-from dgn_dist.pipeline.comm import Link, TensorSpec, cat_rows, factor_specs, split_rows
+from dgn_dist.pipeline.comm import (
+    IdleQueue,
+    Link,
+    TensorSpec,
+    cat_rows,
+    factor_specs,
+    split_rows,
+)
 from dgn_dist.pipeline.options import PipelineOptions
-from dgn_dist.pipeline.passes import RangeUpdate, StreamedStage, finish_stage, stream_stage
+from dgn_dist.pipeline.passes import (
+    RangeUpdate,
+    StreamedStage,
+    feedback_primals,
+    finish_stage,
+    stream_stage,
+)
 from dgn_dist.pipeline.passes import update_range as _update_range
 
 Specs = list[list[TensorSpec]]  # per state X_0..X_T, per tensor of the tuple
@@ -79,6 +93,7 @@ class Shard:
         opts: DGNOpt hyper-parameters.
         reducer: reductions over this stage range's dp group.
         dp: data-parallel degree (the global batch is ``dp`` times the local one).
+        feedback_ahead: run the update pass's feedback forwards in the waits.
     """
 
     stages: list[Stage]
@@ -90,6 +105,8 @@ class Shard:
     opts: PipelineOptions
     reducer: Reducer
     dp: int
+    #: Run the update pass's feedback forwards in the waits (``parallel.feedback_ahead``).
+    feedback_ahead: bool = True
     k_prev: list[list[Tensor]] | None = None
     terminal: Terminal = field(default_factory=Terminal)
     #: The forward pass's ``A`` statistics, not yet summed: run while the sweep waits.
@@ -97,6 +114,14 @@ class Shard:
     #: Kronecker input rows those tasks formed, by (local stage, micro-batch) and player,
     #: for the ``stale_k`` stream to reuse (:meth:`forward`'s ``keep_rows``).
     kept_rows: dict[tuple[int, int], dict[int, Tensor]] = field(default_factory=dict)
+    #: The update pass's feedback forwards (:func:`~.passes.feedback_primals`), run in the
+    #: waits of the sweep and the update after the ``A`` tasks, and what they ran, by local
+    #: stage (released by :meth:`update`).
+    ahead_tasks: list[Callable[[], None]] = field(default_factory=list)
+    primals: dict[int, FeedbackPrimal] = field(default_factory=dict)
+    #: Feedback forwards the updates needed, and how many of them ran ahead (since reset).
+    feedback_forwards: int = 0
+    feedback_forwards_ahead: int = 0
 
     # -- forward -----------------------------------------------------------------------
     def forward(self, x: Tensor | None, sizes: Sequence[int], specs: dict[int, Specs],
@@ -170,6 +195,25 @@ class Shard:
                 self.input_tasks.pop(due[0])()
         return rows
 
+    def _idle(self) -> IdleQueue:
+        """What the sweep's waits run: the ``A`` tasks, then the feedback forwards."""
+        return IdleQueue(self.input_tasks, self.ahead_tasks)
+
+    def _queue_feedback_forwards(self, full: list[State], feedback_scale: float) -> None:
+        """Queue the update pass's feedback forwards of this step (every local stage after
+        the game's first; the last stage first: on a ResNet its activations are the
+        smallest). They hold their autograd graphs until :meth:`update`."""
+        self.primals = {}
+        self.ahead_tasks = []
+        o = self.opts
+        if self.feedback_ahead and o.feedback and o.use_factors and feedback_scale != 0.0:
+            which = [i for i in reversed(range(len(self.stages))) if self.t0 + i > 0]
+            self.ahead_tasks = feedback_primals(self.stages, self.solvers, full, which,
+                                                self.primals)
+
+    def _drop_feedback_forwards(self) -> None:
+        self.ahead_tasks, self.primals = [], {}
+
     def _finish_input_tasks(self) -> None:
         """Run the ``A`` statistics the waits of the sweep left over (before they are read)."""
         while self.input_tasks:
@@ -232,9 +276,11 @@ class Shard:
     def sweep(self, traj: list[list[State]], y: Tensor | None, sizes: Sequence[int],
               specs: dict[int, Specs], r: int, step: int, damping: float,
               weight_decay: float, stale: bool,
-              input_stats: list[StreamedStats] | None = None) -> list[StageSolution] | None:
+              input_stats: list[StreamedStats] | None = None,
+              feedback_scale: float = 1.0) -> list[StageSolution] | None:
         """The backward sweep of the range (module docstring); ``None`` when it failed.
-        ``input_stats``: what :meth:`forward` summed this step (one per stage)."""
+        ``input_stats``: what :meth:`forward` summed this step (one per stage);
+        ``feedback_scale``: the update's (0: no feedback forwards are run ahead)."""
         sums: list[StreamedStats | None] = list(input_stats) if input_stats is not None \
             else [None] * len(self.stages)
         opts = self._sweep_opts(step, damping, weight_decay, sum(sizes))
@@ -242,6 +288,7 @@ class Shard:
         recvs = [self.link.recv(self._message_specs(specs[s], t1, r), self.next, "sweep")
                  for s in sizes] if self.next is not None else []
         full = [cat_rows([tr[i] for tr in traj]) for i in range(len(self.stages) + 1)]
+        self._queue_feedback_forwards(full, feedback_scale)
         terminal: tuple[State, State | None] | None = None
         ok = True
         if self.next is None:
@@ -255,7 +302,7 @@ class Shard:
         if self.next is not None:
             msgs = []
             for bufs, handle in recvs:
-                self.link.wait(handle, idle=self.input_tasks)
+                self.link.wait(handle, idle=self._idle())
                 msgs.append(self._unpack(bufs))
             vx: State = cat_rows([m[0] for m in msgs])
             u_in = cat_rows([m[1] for m in msgs]) if self.opts.use_factors else None  # type: ignore[misc]
@@ -279,6 +326,7 @@ class Shard:
                 if vx_prev is not None:
                     vx_t, u_t = vx_prev, u_prev
         except NonFiniteUpdate:
+            self._drop_feedback_forwards()
             self._send_back(None, None, sizes, specs, r)
             self.link.flush()
             return None
@@ -306,7 +354,7 @@ class Shard:
                 u_t: State | None = tu[m] if tu is not None else None
             else:
                 bufs, handle = recvs[m]
-                self.link.wait(handle, idle=self.input_tasks)
+                self.link.wait(handle, idle=self._idle())
                 vx_t, u_t = self._unpack(bufs)
             # A NaN message means a later rank failed this step: pass the news on.
             failed = failed or not all(bool(torch.isfinite(t).all())
@@ -327,6 +375,7 @@ class Shard:
         self.kept_rows = {}
         if failed:
             self.input_tasks.clear()
+            self._drop_feedback_forwards()
             self.link.flush()
             return None
         self._finish_input_tasks()
@@ -335,6 +384,7 @@ class Shard:
                 solutions[i] = finish_stage(self.stages[i], self.solvers[i], full[i], accs[i],
                                             opts)
         except NonFiniteUpdate:
+            self._drop_feedback_forwards()
             self.link.flush()
             return None
         self.link.flush()
@@ -350,15 +400,23 @@ class Shard:
         full = [cat_rows([tr[i] for tr in traj]) for i in range(len(self.stages) + 1)]
         dx: State | None = None
         x_new = full[0]
+        if solutions is None:
+            self._drop_feedback_forwards()
         if self.prev is not None:
             recvs = [self.link.recv(specs[s][self.t0], self.prev, "update") for s in sizes]
-            for _, handle in recvs:
-                self.link.wait(handle)
+            for _, handle in recvs:  # meanwhile the feedback forwards the sweep left over
+                self.link.wait(handle, idle=self.ahead_tasks)
             dx = cat_rows([tuple(b) for b, _ in recvs])
             x_new = tuple(a + d for a, d in zip(full[0], dx, strict=True))
+        primals = self.primals
+        self._drop_feedback_forwards()  # their graphs go with update_range's use of them
+        if solutions is not None and self.opts.feedback and feedback_scale != 0.0:
+            self.feedback_forwards += sum(1 for t, s in enumerate(solutions)
+                                          if self.t0 + t > 0 and s.u_next is not None)
+            self.feedback_forwards_ahead += len(primals)
         res = _update_range(self.stages, self.solvers, full, solutions, x_new, dx, lr=lr,
                             feedback_scale=feedback_scale, feedback=self.opts.feedback,
-                            reducer=self.reducer, ok=solutions is not None)
+                            reducer=self.reducer, ok=solutions is not None, primals=primals)
         if self.next is not None:
             for part in split_rows(res.dx, sizes):
                 self.link.send(part, self.next, "update")

@@ -72,7 +72,7 @@ def runner_from_config(cfg: Config, model: nn.Module, ctx: DistContext) -> Pipel
         model, kwargs, ctx, dims, micro_batches=par.micro_batches, mode=par.pipeline_mode,
         partition=par.partition, game=game, grad_clip=par.grad_clip,
         bucket_bytes=max(1, int(par.bucket_mb * 2**20)),
-        grad_worker_fraction=par.grad_worker_fraction)
+        grad_worker_fraction=par.grad_worker_fraction, feedback_ahead=par.feedback_ahead)
 
 
 __all__ = ["DistributedSetupError", "check_pipeline", "runner_from_config"]
