@@ -315,6 +315,12 @@ class StageSolver:
             if isinstance(blk, KronBlock):
                 blk.inputs_projected.arm(examples)
 
+    def projected_input_members(self) -> list[int]:
+        """The players whose projected input rows :meth:`take_projected_inputs` may return
+        (members of the Kronecker blocks that keep them), in order."""
+        return sorted(n for blk in self.blocks if isinstance(blk, KronBlock)
+                      for n in blk.members)
+
     def take_projected_inputs(self, examples: int) -> dict[int, dict[int, Tensor]]:
         """By block index, the kept ``a Q_A`` of each member (blocks whose rows cover the
         ``examples`` samples in their current basis); every block's are dropped."""

@@ -47,22 +47,24 @@ class FeedbackPrimal:
     """The forward of :func:`feedback_term` at the old trajectory and parameters, run before
     ``δX`` is known (a pipeline rank runs it while it waits for ``δX``): the primal with its
     autograd graph, a :class:`~.tangents.Linearization` that gives ``J_x δX`` from that same
-    forward, and every player's output (cloned: the VJP roots of the players that take the
-    projected path)."""
+    forward, and the outputs (cloned) of the players that may take the projected path
+    (``tapped``: the members of single-player-group Kronecker blocks, in order)."""
 
     out: State
     lin: Linearization
     tap: PlayerTap
+    tapped: list[int]
 
 
 def feedback_primal(stage: Stage, solver: StageSolver, x_t: State) -> FeedbackPrimal:
     """:class:`FeedbackPrimal` of ``stage`` at ``X_t`` (the stage's parameters not yet
     updated; BatchNorm frozen by the caller, as for :func:`feedback_term`)."""
     xs = tuple(s.detach() for s in x_t)
-    with torch.enable_grad(), PlayerTap([v.player for v in solver.views],
+    tapped = solver.projected_input_members()
+    with torch.enable_grad(), PlayerTap([solver.views[n].player for n in tapped],
                                         clone_outputs=True) as tap:
         out, lin = recorded_forward(stage, xs)
-    return FeedbackPrimal(out, lin, tap)
+    return FeedbackPrimal(out, lin, tap, tapped)
 
 
 def feedback_term(stage: Stage, solver: StageSolver, x_t: State, dx: State,
@@ -91,7 +93,7 @@ def feedback_term(stage: Stage, solver: StageSolver, x_t: State, dx: State,
         outputs = [tap.output(i) for i in range(len(fast))]
     else:
         out, jx = primal.out, primal.lin.jvp(dx)
-        outputs = [primal.tap.output(n) for n in fast]
+        outputs = [primal.tap.output(primal.tapped.index(n)) for n in fast]
     with torch.enable_grad():
         coef = contract_factors(u_next, jx)
         grads = vjp(out, coef, params + outputs)
