@@ -137,7 +137,8 @@ def format_report(model: str, rows: list[tuple[str, list[dict[str, Any]]]],
                   lookahead: bool = True) -> str:
     base = step_time(rows[0][1])
     lines = [f"== {model}", f"{'config':<18}{'step s':>9}{'x pp1':>7}  per rank: cpu s/step, "
-             "forward/sweep/update s (p2p wait) | params/curv/act MiB | peak RSS growth MiB"]
+             "forward/sweep/update s (p2p wait, feedback forwards run ahead) | "
+             "params/curv/act MiB | peak RSS growth MiB"]
     for name, ranks in rows:
         step = step_time(ranks)
         per = []
@@ -145,7 +146,8 @@ def format_report(model: str, rows: list[tuple[str, list[dict[str, Any]]]],
             s = {k: r["stats"][f"{k}/rank{i}"] for k in r["stats"] if f"{k}/rank{i}" in
                  r["stats"]}
             per.append(f"r{i} cpu {r['cpu_s']:.2f} {s['time/forward']:.2f}/{s['time/sweep']:.2f}/"
-                       f"{s['time/update']:.2f} (wait {s['time/p2p_wait']:.2f}) | "
+                       f"{s['time/update']:.2f} (wait {s['time/p2p_wait']:.2f}, ahead "
+                       f"{s.get('overlap/feedback_ahead', 0.0):.2f}) | "
                        f"{_mib(s['memory/params_bytes'])}/"
                        f"{_mib(s['memory/curvature_bytes'])}/"
                        f"{_mib(s['memory/activations_bytes'])} | "
