@@ -170,8 +170,9 @@ class ParallelConfig:
         True, "Pipeline: each rank runs the update pass's feedback forwards (the stage forwards "
         "at the old parameters whose graphs K δX is pulled back through) while it waits for "
         "the sweep's messages and for δX, instead of after δX arrives. Same results; on "
-        "ResNet-18 (batch 64, pp=2 stale_k, CPU) a 6 % shorter step for about 300 MiB more "
-        "peak memory on the first rank, which holds those graphs until its update.")
+        "ResNet-18 (batch 64, pp=2, CPU) a 3-4 % shorter step (stale_k and exact) for "
+        "200-350 MiB more peak memory on the first rank, which holds those graphs until its "
+        "update.")
     backend: Literal["auto", "gloo", "nccl"] = doc(
         "auto", "torch.distributed backend; auto = nccl on CUDA, gloo on CPU.")
     grad_worker_fraction: float = doc(
