@@ -48,7 +48,7 @@ class FeedbackPrimal:
     ``δX`` is known (a pipeline rank runs it while it waits for ``δX``): the primal with its
     autograd graph, a :class:`~.tangents.Linearization` that gives ``J_x δX`` from that same
     forward, and the outputs (cloned) of the players that may take the projected path
-    (``tapped``: the members of single-player-group Kronecker blocks, in order)."""
+    (``tapped``: the members of the Kronecker blocks, in order)."""
 
     out: State
     lin: Linearization
