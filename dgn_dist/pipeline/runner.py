@@ -240,7 +240,9 @@ class PipelineRunner:
         self._steps += 1
         res = None
         ran_ahead = False
-        if not failed:
+        if failed:  # no update this step: release the feedback forwards run ahead
+            sh.drop_feedback_forwards()
+        else:
             with frozen_batchnorm(self.game):
                 res = sh.update(traj, sols, sizes, specs, lr=lr,
                                 feedback_scale=float(group["feedback_scale"]))

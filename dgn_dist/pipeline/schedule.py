@@ -211,7 +211,8 @@ class Shard:
             self.ahead_tasks = feedback_primals(self.stages, self.solvers, full, which,
                                                 self.primals)
 
-    def _drop_feedback_forwards(self) -> None:
+    def drop_feedback_forwards(self) -> None:
+        """Release the feedback forwards run ahead (and those still queued)."""
         self.ahead_tasks, self.primals = [], {}
 
     def _finish_input_tasks(self) -> None:
@@ -326,7 +327,7 @@ class Shard:
                 if vx_prev is not None:
                     vx_t, u_t = vx_prev, u_prev
         except NonFiniteUpdate:
-            self._drop_feedback_forwards()
+            self.drop_feedback_forwards()
             self._send_back(None, None, sizes, specs, r)
             self.link.flush()
             return None
@@ -375,7 +376,7 @@ class Shard:
         self.kept_rows = {}
         if failed:
             self.input_tasks.clear()
-            self._drop_feedback_forwards()
+            self.drop_feedback_forwards()
             self.link.flush()
             return None
         self._finish_input_tasks()
@@ -384,7 +385,7 @@ class Shard:
                 solutions[i] = finish_stage(self.stages[i], self.solvers[i], full[i], accs[i],
                                             opts)
         except NonFiniteUpdate:
-            self._drop_feedback_forwards()
+            self.drop_feedback_forwards()
             self.link.flush()
             return None
         self.link.flush()
@@ -401,7 +402,7 @@ class Shard:
         dx: State | None = None
         x_new = full[0]
         if solutions is None:
-            self._drop_feedback_forwards()
+            self.drop_feedback_forwards()
         if self.prev is not None:
             recvs = [self.link.recv(specs[s][self.t0], self.prev, "update") for s in sizes]
             for _, handle in recvs:  # meanwhile the feedback forwards the sweep left over
@@ -409,7 +410,7 @@ class Shard:
             dx = cat_rows([tuple(b) for b, _ in recvs])
             x_new = tuple(a + d for a, d in zip(full[0], dx, strict=True))
         primals = self.primals
-        self._drop_feedback_forwards()  # their graphs go with update_range's use of them
+        self.drop_feedback_forwards()  # their graphs go with update_range's use of them
         if solutions is not None and self.opts.feedback and feedback_scale != 0.0:
             self.feedback_forwards += sum(1 for t, s in enumerate(solutions)
                                           if self.t0 + t > 0 and s.u_next is not None)
