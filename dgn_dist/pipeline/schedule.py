@@ -199,15 +199,23 @@ class Shard:
         """What the sweep's waits run: the ``A`` tasks, then the feedback forwards."""
         return IdleQueue(self.input_tasks, self.ahead_tasks)
 
+    def _feedback_stages(self, feedback_scale: float) -> list[int]:
+        """The local stages whose update runs a feedback term: with ``Q_θx`` kept (the
+        ``V_xx`` factors travel then) and a non-zero scale, every one after the game's first
+        (whose ``δX`` is 0)."""
+        o = self.opts
+        if not (o.feedback and o.use_factors and feedback_scale != 0.0):
+            return []
+        return [i for i in range(len(self.stages)) if self.t0 + i > 0]
+
     def _queue_feedback_forwards(self, full: list[State], feedback_scale: float) -> None:
-        """Queue the update pass's feedback forwards of this step (every local stage after
-        the game's first; the last stage first: on a ResNet its activations are the
-        smallest). They hold their autograd graphs until :meth:`update`."""
+        """Queue the update pass's feedback forwards of this step (the last stage first: on
+        a ResNet its activations are the smallest). They hold their autograd graphs until
+        :meth:`update`."""
         self.primals = {}
         self.ahead_tasks = []
-        o = self.opts
-        if self.feedback_ahead and o.feedback and o.use_factors and feedback_scale != 0.0:
-            which = [i for i in reversed(range(len(self.stages))) if self.t0 + i > 0]
+        if self.feedback_ahead:
+            which = self._feedback_stages(feedback_scale)[::-1]
             self.ahead_tasks = feedback_primals(self.stages, self.solvers, full, which,
                                                 self.primals)
 
@@ -411,9 +419,8 @@ class Shard:
             x_new = tuple(a + d for a, d in zip(full[0], dx, strict=True))
         primals = self.primals
         self.drop_feedback_forwards()  # their graphs go with update_range's use of them
-        if solutions is not None and self.opts.feedback and feedback_scale != 0.0:
-            self.feedback_forwards += sum(1 for t, s in enumerate(solutions)
-                                          if self.t0 + t > 0 and s.u_next is not None)
+        if solutions is not None:
+            self.feedback_forwards += len(self._feedback_stages(feedback_scale))
             self.feedback_forwards_ahead += len(primals)
         res = _update_range(self.stages, self.solvers, full, solutions, x_new, dx, lr=lr,
                             feedback_scale=feedback_scale, feedback=self.opts.feedback,
