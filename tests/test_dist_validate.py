@@ -304,7 +304,8 @@ def test_accelerate_launch_cpu(tmp_path: Path) -> None:
     argv = [f"{BIN}/accelerate", "launch", *ACCEL, *port]
     rc, results, text = _launch(tmp_path, argv, {})  # the pitfall: fail, say what to set
     assert rc != 0 and not results
-    assert text.count("SETUP-ERROR") == 2 and "ACCELERATE_USE_CPU=true" in text
+    # the first rank to exit makes the launcher stop the other, which may not have printed yet
+    assert text.count("SETUP-ERROR") >= 1 and "ACCELERATE_USE_CPU=true" in text
 
 
 @pytest.mark.slow
