@@ -43,6 +43,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from dgn_dist.allocator import add_allocator_argument, configure_cpu_allocator
 from dgn_dist.config.schema import Config, ModelConfig, OptimConfig
 
 MODEL_CHOICES = typing.get_args(typing.get_type_hints(ModelConfig)["name"])
@@ -278,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--count-ops", action="store_true",
                         help="count the ATen operators of one more step per pair (a GPU "
                         "step of many small operators is bound by their launches)")
+    add_allocator_argument(parser)
     parser.add_argument("--profile", type=int, default=0, metavar="K",
                         help="print the K most expensive operators of two extra steps per "
                         "pair (torch.profiler; default: 0 = no profile)")
@@ -306,6 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if value < low:
             print(f"error: {flag} must be >= {low}, got {value}", file=sys.stderr)
             return 2
+    configure_cpu_allocator(args.cpu_allocator)
     import torch
 
     from dgn_dist.device import DeviceError, resolve_device

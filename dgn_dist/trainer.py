@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from dgn_dist.allocator import configure_cpu_allocator
 from dgn_dist.checkpoint import (
     CheckpointError,
     CheckpointManager,
@@ -308,6 +309,7 @@ def train(cfg: Config, on_step: StepHook | None = None) -> dict[str, Any]:
     device = par.ctx.device
     seed_everything(cfg.run.seed)
     configure_determinism(device, cfg.run.deterministic)
+    configure_cpu_allocator(cfg.run.cpu_allocator)
     data = build_data(cfg.data, cfg.run.seed)
     try:  # these raise ValueError for settings the config types cannot rule out
         model = build_model(cfg.model, data.input_shape, data.num_classes).to(device)

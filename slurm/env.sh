@@ -12,6 +12,8 @@
 #   MASTER_PORT     rendezvous port on the head  default: 29500
 #   RUN_DIR         run directory (run.dir)      default: runs/<job name>-<job id>
 #   OMP_NUM_THREADS threads per process          default: CPUs of the task / NPROC_PER_NODE
+#   GLIBC_TUNABLES  glibc malloc settings        default: adds glibc.malloc.tcache_count=0
+#                                                (run.cpu_allocator=retain, dgn_dist/allocator.py)
 #   MIXED_PRECISION accelerate: no | bf16 | fp16 default: no
 #   DS_CONFIG       deepspeed: JSON for parallel.deepspeed_config   default: none
 #   DRY_RUN         1 = print the launch command instead of running it
@@ -94,6 +96,12 @@ if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then export SRUN_CPUS_PER_TASK="$SLURM_CPU
 cpus="${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-$(nproc)}}"
 threads=$((cpus / NPROC_PER_NODE))
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$((threads > 0 ? threads : 1))}"
+# With run.cpu_allocator=retain (the default) freed memory is reused; glibc's per-thread cache
+# would otherwise keep large freed blocks from merging (dgn_dist/allocator.py).
+case ":${GLIBC_TUNABLES:-}:" in
+  *:glibc.malloc.tcache_count=*) ;;
+  *) export GLIBC_TUNABLES="${GLIBC_TUNABLES:+$GLIBC_TUNABLES:}glibc.malloc.tcache_count=0" ;;
+esac
 
 RUN_DIR="${RUN_DIR:-runs/${SLURM_JOB_NAME:-dgn-train}-${SLURM_JOB_ID:-$(date +%Y%m%d-%H%M%S)}}"
 export HEAD_NODE NNODES NPROC_PER_NODE MASTER_PORT MIXED_PRECISION RUN_DIR
@@ -106,7 +114,8 @@ set_train_args() {
 }
 
 log "job ${SLURM_JOB_ID:-local} on ${NNODES} node(s) [${NODES[*]}], head $HEAD_NODE," \
-    "$NPROC_PER_NODE process(es) per node, DEVICE=$DEVICE, OMP_NUM_THREADS=$OMP_NUM_THREADS"
+    "$NPROC_PER_NODE process(es) per node, DEVICE=$DEVICE, OMP_NUM_THREADS=$OMP_NUM_THREADS," \
+    "GLIBC_TUNABLES=$GLIBC_TUNABLES"
 log "config $CONFIG, run dir $RUN_DIR, python $(command -v python)"
 start_s=$SECONDS
 report_exit() {

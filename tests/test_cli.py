@@ -36,7 +36,9 @@ def test_flag_surface_is_frozen() -> None:
     ("bogus.key=1", ["bogus", "valid sections", "optim"]),
     ("optim.lr=-1", ["optim.lr", "> 0"]),
     ("run.epochs", ["section.key=value"]),
-], ids=["unknown-key", "bad-type", "bad-choice", "unknown-section", "bad-range", "no-value"])
+    ("run.cpu_allocator=fast", ["run.cpu_allocator", "'retain'", "'system'"]),
+], ids=["unknown-key", "bad-type", "bad-choice", "unknown-section", "bad-range", "no-value",
+        "bad-allocator"])
 def test_config_errors_exit_2(override: str, needles: list[str],
                               capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--config", SMOKE, override]) == 2

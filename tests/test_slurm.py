@@ -70,6 +70,10 @@ def test_single_node_launch_line_cpu(tmp_path: Path) -> None:
     assert line[7:] == ["dgn_dist.train", "--config", "configs/digits_sgd.toml",
                         f"run.dir={tmp_path / 'r'}", "run.device=cpu", "optim.lr=0.05"]
     assert "3 process(es) per node, DEVICE=cpu" in out.stdout
+    assert "GLIBC_TUNABLES=glibc.malloc.tcache_count=0" in out.stdout  # run.cpu_allocator
+    kept = _dry_run("slurm/torchrun_single_node.sbatch", DEVICE="cpu",
+                    GLIBC_TUNABLES="glibc.malloc.mxfast=0", RUN_DIR=str(tmp_path / "r"))
+    assert "GLIBC_TUNABLES=glibc.malloc.mxfast=0:glibc.malloc.tcache_count=0" in kept.stdout
 
 
 def test_multi_node_launch_line_uses_c10d_on_the_head_node() -> None:

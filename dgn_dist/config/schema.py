@@ -33,6 +33,10 @@ class RunConfig:
     resume: str = doc("", "Resume from a checkpoint: '' (fresh run), 'latest' (newest "
                       "checkpoint in run.dir) or a checkpoint path.")
     eval_every: int = doc(1, "Evaluate on the test split every N epochs (the last epoch always).")
+    cpu_allocator: Literal["retain", "system"] = doc(
+        "retain", "CPU memory (glibc malloc): retain = keep freed memory for reuse, so that "
+        "the large per-step blocks are not page-faulted in again each step (faster on CPU; "
+        "the process keeps its peak); system = glibc's defaults (dgn_dist/allocator.py).")
 
 
 @dataclass

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from dgn_dist.allocator import add_allocator_argument, child_env, configure_cpu_allocator
 from dgn_dist.distributed.spawn import run_workers
 
 NUM_CLASSES = 10
@@ -126,6 +127,7 @@ def _measure(rank: int, world: int, port: int, args: dict[str, Any]) -> dict[str
     """One rank of the ``dp=world`` measurement; :func:`run_workers` sets the ``env://``
     variables and closes the group."""
     del port
+    configure_cpu_allocator(args.get("cpu_allocator", "retain"))
     import torch
     import torch.distributed as dist
 
@@ -161,7 +163,8 @@ def _measure(rank: int, world: int, port: int, args: dict[str, Any]) -> dict[str
 
 def data_parallel(args: dict[str, Any], world: int) -> dict[str, Any]:
     """Run :func:`_measure` on ``world`` gloo processes; rank 0's results."""
-    return run_workers(_measure, world, args, timeout=3600.0)[0]
+    return run_workers(_measure, world, args, timeout=3600.0,
+                       env=child_env(args.get("cpu_allocator", "retain")))[0]
 
 
 def format_rows(rows: list[Row]) -> str:
@@ -188,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--world", type=int, default=2, help="data-parallel processes")
     parser.add_argument("--bucket-mb", type=float, default=4.0)
     parser.add_argument("--json", default="", help="also write the rows to this JSON file")
+    add_allocator_argument(parser)
     return parser
 
 
@@ -202,7 +206,9 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"divisible by --world (got {names}, {args.world}, {args.batch})")
         return 2
     settings = {"model": args.model, "optimizers": names, "batch": args.batch,
-                "steps": args.steps, "warmup": args.warmup, "bucket_mb": args.bucket_mb}
+                "steps": args.steps, "warmup": args.warmup, "bucket_mb": args.bucket_mb,
+                "cpu_allocator": args.cpu_allocator}
+    configure_cpu_allocator(args.cpu_allocator)  # the dp=1 rows run in this process
     print(f"model {args.model}, global batch {args.batch}, {args.steps} timed steps after "
           f"{args.warmup}; dp={args.world} over gloo ...", flush=True)
     dp = data_parallel(settings, args.world)

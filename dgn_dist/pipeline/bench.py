@@ -44,6 +44,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from dgn_dist.allocator import add_allocator_argument, child_env, configure_cpu_allocator
 from dgn_dist.distributed.spawn import run_workers
 
 MODELS = ("digits_resnet", "mnist_resnet", "resnet18")
@@ -61,6 +62,7 @@ def _measure(rank: int, world: int, port: int, spec: dict[str, Any]) -> dict[str
     from dgn_dist.pipeline.comm import meta_copy, state_specs
     from dgn_dist.pipeline.runner import build_pipeline_runner
 
+    configure_cpu_allocator(spec.get("cpu_allocator", "retain"))
     torch.set_num_threads(spec["threads"])
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if world > 1:
@@ -116,7 +118,8 @@ def run_config(spec: dict[str, Any], target: Any = None) -> list[dict[str, Any]]
     # Set before the children import torch: LAPACK/OpenMP then use the same thread count as
     # torch (a float32 eigh of an ill-conditioned factor can fail with more threads).
     return run_workers(target or _measure, spec["pp"], spec, timeout=spec["timeout"],
-                       env={"OMP_NUM_THREADS": str(spec.get("threads", 1))})
+                       env={"OMP_NUM_THREADS": str(spec.get("threads", 1)),
+                            **child_env(spec.get("cpu_allocator", "retain"))})
 
 
 def tail_bound(work_s: float, last_update_s: float, pp: int) -> float:
@@ -229,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--partition", default="uniform", help="pp=2 partition: uniform, params "
                    "or 'a,b' stage counts (default: %(default)s)")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads per process")
+    add_allocator_argument(p)
     p.add_argument("--no-lookahead", dest="lookahead", action="store_false",
                    help="do not announce the next batch (no forward run ahead)")
     p.add_argument("--feedback-ahead", default="on", choices=["on", "off", "both"],
@@ -261,6 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for model in models:
         common = {"model": model, "batch": args.batch_size, "steps": args.steps,
                   "warmup": args.warmup, "threads": args.threads, "timeout": args.timeout,
+                  "cpu_allocator": args.cpu_allocator,
                   "optim": optim, "partition": args.partition, "micro": args.micro_batches,
                   "lookahead": args.lookahead}
         rounds: list[list[tuple[str, list[dict[str, Any]]]]] = []
