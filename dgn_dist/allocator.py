@@ -37,10 +37,11 @@ import ctypes.util
 import os
 import sys
 from collections.abc import Mapping
-from typing import Literal
+from typing import Literal, get_args
 
-CpuAllocator = Literal["retain", "system"]
-CHOICES: tuple[str, ...] = ("retain", "system")
+CpuAllocator = Literal["retain", "system"]  # as RunConfig.cpu_allocator
+CHOICES: tuple[str, ...] = get_args(CpuAllocator)
+DEFAULT_CPU_ALLOCATOR: CpuAllocator = "retain"
 
 _M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
 _M_MMAP_MAX = -4
@@ -93,6 +94,6 @@ def child_env(mode: str, environ: Mapping[str, str] | None = None) -> dict[str, 
 
 def add_allocator_argument(parser: argparse.ArgumentParser) -> None:
     """The benchmarks' ``--cpu-allocator`` flag (every process of a run applies it)."""
-    parser.add_argument("--cpu-allocator", default="retain", choices=CHOICES,
+    parser.add_argument("--cpu-allocator", default=DEFAULT_CPU_ALLOCATOR, choices=CHOICES,
                         help="CPU memory of the measured processes, as run.cpu_allocator "
                         "(default: %(default)s)")

@@ -29,7 +29,12 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from dgn_dist.allocator import add_allocator_argument, child_env, configure_cpu_allocator
+from dgn_dist.allocator import (
+    DEFAULT_CPU_ALLOCATOR,
+    add_allocator_argument,
+    child_env,
+    configure_cpu_allocator,
+)
 from dgn_dist.distributed.spawn import run_workers
 
 NUM_CLASSES = 10
@@ -127,7 +132,7 @@ def _measure(rank: int, world: int, port: int, args: dict[str, Any]) -> dict[str
     """One rank of the ``dp=world`` measurement; :func:`run_workers` sets the ``env://``
     variables and closes the group."""
     del port
-    configure_cpu_allocator(args.get("cpu_allocator", "retain"))
+    configure_cpu_allocator(args.get("cpu_allocator", DEFAULT_CPU_ALLOCATOR))
     import torch
     import torch.distributed as dist
 
@@ -164,7 +169,7 @@ def _measure(rank: int, world: int, port: int, args: dict[str, Any]) -> dict[str
 def data_parallel(args: dict[str, Any], world: int) -> dict[str, Any]:
     """Run :func:`_measure` on ``world`` gloo processes; rank 0's results."""
     return run_workers(_measure, world, args, timeout=3600.0,
-                       env=child_env(args.get("cpu_allocator", "retain")))[0]
+                       env=child_env(args.get("cpu_allocator", DEFAULT_CPU_ALLOCATOR)))[0]
 
 
 def format_rows(rows: list[Row]) -> str:

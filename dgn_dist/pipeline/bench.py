@@ -44,7 +44,12 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from dgn_dist.allocator import add_allocator_argument, child_env, configure_cpu_allocator
+from dgn_dist.allocator import (
+    DEFAULT_CPU_ALLOCATOR,
+    add_allocator_argument,
+    child_env,
+    configure_cpu_allocator,
+)
 from dgn_dist.distributed.spawn import run_workers
 
 MODELS = ("digits_resnet", "mnist_resnet", "resnet18")
@@ -62,7 +67,7 @@ def _measure(rank: int, world: int, port: int, spec: dict[str, Any]) -> dict[str
     from dgn_dist.pipeline.comm import meta_copy, state_specs
     from dgn_dist.pipeline.runner import build_pipeline_runner
 
-    configure_cpu_allocator(spec.get("cpu_allocator", "retain"))
+    configure_cpu_allocator(spec.get("cpu_allocator", DEFAULT_CPU_ALLOCATOR))
     torch.set_num_threads(spec["threads"])
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if world > 1:
@@ -119,7 +124,7 @@ def run_config(spec: dict[str, Any], target: Any = None) -> list[dict[str, Any]]
     # torch (a float32 eigh of an ill-conditioned factor can fail with more threads).
     return run_workers(target or _measure, spec["pp"], spec, timeout=spec["timeout"],
                        env={"OMP_NUM_THREADS": str(spec.get("threads", 1)),
-                            **child_env(spec.get("cpu_allocator", "retain"))})
+                            **child_env(spec.get("cpu_allocator", DEFAULT_CPU_ALLOCATOR))})
 
 
 def tail_bound(work_s: float, last_update_s: float, pp: int) -> float:
