@@ -109,6 +109,11 @@ def test_lifted_ekfac_without_feedback_is_ekfac(kl_clip: float) -> None:
     _assert_same(model, ref_model)
     assert opt.last_kl_scale == pytest.approx(ekfac.last_kl_scale, rel=1e-10)
     assert (ekfac.last_kl_scale < 1.0) == (kl_clip > 0)  # the clipping acts when on
+    # ... and TensorBoard gets it (update/kl_scale) exactly when the clipping is on
+    assert ("update/kl_scale" in opt.curvature_stats()) == (kl_clip > 0)
+    assert ("update/kl_scale" in ekfac.curvature_stats()) == (kl_clip > 0)
+    if kl_clip > 0:
+        assert opt.curvature_stats()["update/kl_scale"] == pytest.approx(ekfac.last_kl_scale)
 
 
 @pytest.mark.parametrize("name", [*BASELINES, "ekfac"])

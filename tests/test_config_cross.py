@@ -30,6 +30,7 @@ CASES = [
      ["optim.name='ekfac'", "curvature.kind", "'kfac' or 'ekfac'", "'diag'"]),
     (["optim.name=ekfac", "curvature.damping=0"], ["curvature.damping", "> 0"]),
     ([DGN, "curvature.chunk_mb=-1"], ["curvature.chunk_mb", ">= 0", "0 = auto"]),
+    ([DGN, "optim.dgnopt_kl_clip=-0.1"], ["optim.dgnopt_kl_clip", ">= 0"]),
     (["optim.name=adam", "game.ablation=adam"], ["game.ablation", "optim.name='dgnopt'"]),
     (["optim.name=sgd", "game.alignment_strategy=random"],
      ["game.alignment_strategy='random'", "optim.name='dgnopt'", "'fixed'"]),

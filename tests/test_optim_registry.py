@@ -56,6 +56,16 @@ def test_hyper_parameters_reach_the_optimizers() -> None:
     assert (ekfac.mode, ekfac.damping, ekfac.inverse_interval) == ("kfac", 0.03, 7)
     emsa = build_optimizer(config("emsa", emsa_rho=2.0, emsa_lbfgs_iters=3), small_model())
     assert isinstance(emsa, EMSA) and (emsa.rho, emsa.lbfgs_iters) == (2.0, 3)
+    from dgn_dist.dgnopt import DGNOpt
+    cfg = config("dgnopt", dgnopt_kl_clip=2e-3)
+    cfg.game.feedback_consistency = True
+    cfg.curvature.rescale = False
+    dgn = build_optimizer(cfg, small_model())
+    assert isinstance(dgn, DGNOpt)
+    assert (dgn.kl_clip, dgn.feedback_consistency, dgn.rescale) == (2e-3, True, False)
+    plain = build_optimizer(config("dgnopt"), small_model())
+    assert isinstance(plain, DGNOpt)
+    assert (plain.kl_clip, plain.feedback_consistency) == (0.0, False)  # defaults: off
 
 
 def test_bad_names_and_combinations() -> None:

@@ -81,12 +81,23 @@ def test_check_pipeline_accepts_and_rejects() -> None:
     cfg.optim.name = "sgd"
     with pytest.raises(DistributedSetupError, match="pipelines DGNOpt only"):
         check_pipeline(cfg, 2, _game())
+    cfg = _cfg(pp=2)
+    cfg.optim.dgnopt_kl_clip = 1e-3
+    cfg.game.feedback_consistency = True
+    with pytest.raises(DistributedSetupError,
+                       match="optim.dgnopt_kl_clip and game.feedback_consistency"):
+        check_pipeline(cfg, 2, _game())
 
 
 def test_options_reject_unsupported_and_invalid() -> None:
     assert make_options({"info": "gr", "lr": 0.5}).lr == 0.5
     with pytest.raises(ValueError, match="not supported with pipeline parallelism"):
         make_options({"kl_clip": 1e-3})
+    for key, on in (("feedback_consistency", True), ("game_extended", True),
+                    ("gain_scale", 2.0)):  # True == 1.0 must not pass as gain_scale's off
+        with pytest.raises(ValueError, match=key):
+            make_options({key: on})
+    assert make_options({"kl_clip": 0.0, "feedback_consistency": False}).info == "fne"
     with pytest.raises(ValueError, match="unknown DGNOpt options"):
         make_options({"learning_rate": 1.0})
     with pytest.raises(ValueError, match="info must be one of"):

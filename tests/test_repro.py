@@ -205,7 +205,9 @@ def test_committed_configs_match_the_paper_setup() -> None:
     quick = load_config(t2.CONFIG_DIR / "digits_dgnopt.toml")
     assert (quick.optim.name, quick.game.info, quick.optim.lr) == ("dgnopt", "fne",
                                                                    lrs["dgnopt-fne"])
-    assert t2.DGNOPT_DAMPING == f"curvature.damping={quick.curvature.damping}"
+    # ... with the Table-2 recipe already in it, and the shared setup's (EKFAC's) damping
+    assert load_config(t2.CONFIG_DIR / "digits_dgnopt.toml", list(t2.DGNOPT_RECIPE)) == quick
+    assert quick.curvature.damping == cfg.curvature.damping
     assert (quick.data.batch_size, quick.model.name) == (8, "digits_resnet")
 
 

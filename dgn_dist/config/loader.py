@@ -142,6 +142,7 @@ def _validate_ranges(cfg: Config) -> None:
         (cfg.optim.emsa_rho >= 0, "optim.emsa_rho must be >= 0"),
         (cfg.optim.emsa_lbfgs_iters >= 1, "optim.emsa_lbfgs_iters must be >= 1"),
         (cfg.optim.ekfac_kl_clip >= 0, "optim.ekfac_kl_clip must be >= 0 (0 = no clipping)"),
+        (cfg.optim.dgnopt_kl_clip >= 0, "optim.dgnopt_kl_clip must be >= 0 (0 = no clipping)"),
         (cfg.curvature.damping >= 0, "curvature.damping must be >= 0"),
         (0 < cfg.curvature.damping_decay <= 1, "curvature.damping_decay must be in (0, 1]"),
         (0 <= cfg.curvature.ema_decay < 1, "curvature.ema_decay must be in [0, 1)"),

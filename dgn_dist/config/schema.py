@@ -101,6 +101,9 @@ class OptimConfig:
     ekfac_kl_clip: float = doc(1e-3, "EKFAC: KL clipping of the preconditioned step (Ba et "
                                "al. 2017), nu = min(1, sqrt(c / (lr^2 <d, g>))); 0 = off (the "
                                "plain step of George et al. 2018).")
+    dgnopt_kl_clip: float = doc(0.0, "dgnopt: EKFAC's KL clipping applied to the whole step "
+                                "lr * (k + K dx): lr is scaled by nu = min(1, sqrt(c / (lr^2 "
+                                "<k, Q_theta>))) each step; 0 = off.")
 
 
 @dataclass
@@ -139,6 +142,10 @@ class GameConfig:
     players_per_layer: int = doc(1, "Fictitious players per layer (eq. 16).")
     feedback_scale: float = doc(1.0, "Multiplies the feedback K dx in the update pass "
                                 "(0 turns the feedback off).")
+    feedback_consistency: bool = doc(
+        False, "dgnopt fne/gr: scale the curvature of the closed-loop terms (K, V_x, V_xx) of "
+        "each stage by s = max(1, max_b lambda_max(Gamma_b)), so that K dx never over-corrects "
+        "and V_xx stays PSD without clipping; the open gain k is unchanged (DESIGN.md 2.3).")
     alignment_strategy: Literal["fixed", "random", "adaptive"] = doc(
         "fixed", "dgnopt: the alignment of each step (Alg. 2, Table 4): fixed = game.alignment "
         "always; random = uniform per step; adaptive = EXP3++ bandit (Alg. 3) rewarded with "

@@ -27,6 +27,8 @@ def dgnopt_kwargs(cfg: Config) -> dict[str, object]:
         "weight_decay": cfg.optim.weight_decay, "feedback_scale": cfg.game.feedback_scale,
         "alignment": cfg.game.alignment, "stats_every": max(cfg.logging.curvature_every, 0),
         "rescale": cfg.curvature.rescale, "chunk_mb": cfg.curvature.chunk_mb,
+        "kl_clip": cfg.optim.dgnopt_kl_clip,
+        "feedback_consistency": cfg.game.feedback_consistency,
     }
 
 

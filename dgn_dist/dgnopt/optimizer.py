@@ -95,11 +95,13 @@ class DGNOpt(Optimizer):
             blocks between fictitious copies of a layer (game-extended SGD, §5.2).
         diag_rule: ``curvature="diag"`` with a baseline's rule (RMSprop, Adam; Fig. 6).
         gain_scale: ``Q_θθ := Q_θθ / gain_scale`` (Fig. 6: a baseline's lr, run with lr 1).
-        kl_clip: > 0: scale each step by EKFAC's KL-clipping factor
-            (:func:`dgn_dist.dgnopt.baselines.kl_clip_scale`; Fig. 6 EKFAC).
+        kl_clip: > 0: scale each whole step ``lr·(k + K δx)`` by EKFAC's KL-clipping factor
+            (:func:`dgn_dist.dgnopt.baselines.kl_clip_scale`; Fig. 6 EKFAC, and the DIGITS
+            recipe ``optim.dgnopt_kl_clip``).
         feedback_consistency: keep the open gain but scale the curvature of the feedback and
             value terms until it dominates the per-sample Gauss-Newton curvature
-            (:func:`dgn_dist.dgnopt.sweep.feedback_consistency_scale`; Fig. 6 lifts).
+            (:func:`dgn_dist.dgnopt.sweep.feedback_consistency_scale`; Fig. 6 lifts, and
+            ``game.feedback_consistency``: small batches at EKFAC's damping).
         chunk_mb: per-sample chunk budget in MiB (0 = per device, see
             :func:`dgn_dist.dgnopt.gains.chunk_elements`).
         full_backward: ``loss.backward()`` runs through the whole model (``.grad`` filled,
@@ -133,7 +135,8 @@ class DGNOpt(Optimizer):
                       inverse_interval=inverse_interval, weight_decay=weight_decay,
                       feedback_scale=feedback_scale, alignment=alignment,
                       coop_iters=coop_iters, coop_tol=coop_tol, stats_every=stats_every,
-                      rescale=rescale, chunk_mb=chunk_mb)
+                      rescale=rescale, chunk_mb=chunk_mb, kl_clip=kl_clip,
+                      feedback_consistency=feedback_consistency)
         names = check_alignments(alignment, alignments, game)
         self.games: dict[str, Game] = {
             a: game if game is not None else build_game(model, a)  # type: ignore[arg-type]
@@ -166,8 +169,6 @@ class DGNOpt(Optimizer):
         self._alignment = alignment
         self.solvers = self.solver_sets[alignment]
         self.alignment_hook: AlignmentHook | None = None
-        if kl_clip < 0:
-            raise ValueError(f"kl_clip must be >= 0 (0 = off); got {kl_clip}")
         self.gain_scale, self.kl_clip = gain_scale, kl_clip
         self.feedback_consistency = feedback_consistency
         self.last_kl_scale = 1.0
@@ -372,7 +373,8 @@ class DGNOpt(Optimizer):
     # -- statistics --------------------------------------------------------------------
     def curvature_stats(self) -> dict[str, float]:
         """Namespaced scalars (see :mod:`dgn_dist.dgnopt.stats`): curvature factors now, the
-        value/update/coop statistics of the last recorded step (``stats_every``)."""
+        value/update/coop statistics of the last recorded step (``stats_every``), and with
+        ``kl_clip`` the last step's clipping factor ``update/kl_scale``."""
         out = to_floats(self._recorded)
         damping = float(self.param_groups[0]["damping"])
         for solver in self.solvers:
@@ -382,6 +384,8 @@ class DGNOpt(Optimizer):
                 for k, v in per_player.get(view.name, {}).items():
                     out[f"curvature/{name}/{k}"] = v
                 out[f"curvature/{name}/damping"] = damping
+        if self.kl_clip > 0:
+            out["update/kl_scale"] = float(self.last_kl_scale)
         return out
 
     def curvature_eigenvalues(self) -> dict[str, Tensor]:

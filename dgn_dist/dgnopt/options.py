@@ -11,7 +11,8 @@ def check_options(*, lr: float, info: str, curvature: str, vxx: str, rank: int,
                   damping: float, ema_decay: float, factor_interval: int,
                   inverse_interval: int, weight_decay: float, feedback_scale: float,
                   alignment: str, coop_iters: int = 20, coop_tol: float = 1e-8,
-                  stats_every: int = 0, rescale: bool = True, chunk_mb: float = 0.0) -> None:
+                  stats_every: int = 0, rescale: bool = True, chunk_mb: float = 0.0,
+                  kl_clip: float = 0.0, feedback_consistency: bool = False) -> None:
     """Validate DGNOpt hyper-parameters; raises ``ValueError`` stating the constraint."""
     def need(ok: bool, msg: str) -> None:
         if not ok:
@@ -40,3 +41,4 @@ def check_options(*, lr: float, info: str, curvature: str, vxx: str, rank: int,
     need(coop_tol >= 0, f"coop_tol must be >= 0; got {coop_tol}")
     need(stats_every >= 0, f"stats_every must be >= 0; got {stats_every}")
     need(chunk_mb >= 0, f"chunk_mb must be >= 0 (0 = auto); got {chunk_mb}")
+    need(kl_clip >= 0, f"kl_clip must be >= 0 (0 = off); got {kl_clip}")

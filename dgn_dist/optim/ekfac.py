@@ -205,7 +205,8 @@ class EKFAC(torch.optim.Optimizer):
         return loss
 
     def curvature_stats(self) -> dict[str, float]:
-        """``curvature/<layer>/{A,G}_{eig_max,eig_min,cond}`` and ``.../damping`` per layer."""
+        """``curvature/<layer>/{A,G}_{eig_max,eig_min,cond}`` and ``.../damping`` per layer;
+        ``update/kl_scale`` (the last step's KL-clipping ``ν``) when clipping is on."""
         out: dict[str, float] = {}
         for name, factor in self.factors.items():
             stats = factor.stats()
@@ -214,6 +215,8 @@ class EKFAC(torch.optim.Optimizer):
             for key, value in stats.items():
                 out[f"curvature/{name}/{key}"] = value
             out[f"curvature/{name}/damping"] = self.damping
+        if self.kl_clip > 0:
+            out["update/kl_scale"] = float(self.last_kl_scale)
         return out
 
     def curvature_eigenvalues(self) -> dict[str, Tensor]:

@@ -19,8 +19,21 @@ DEFAULTS: dict[str, Any] = {
     "zero_feedback": False, "coop_iters": 20, "coop_tol": 1e-8, "stats_every": 0,
     "rescale": True, "chunk_mb": 0.0,
 }
-#: DGNOpt features that need the whole game on one rank (rejected with pp > 1).
-UNSUPPORTED = ("alignments", "game", "game_extended", "diag_rule", "gain_scale", "kl_clip")
+#: DGNOpt features the pipeline does not implement (most need the whole game on one rank),
+#: with the value that leaves them off; any other value is rejected with pp > 1.
+UNSUPPORTED: dict[str, Any] = {
+    "alignments": None, "game": None, "game_extended": False, "diag_rule": None,
+    "gain_scale": 1.0, "kl_clip": 0.0, "feedback_consistency": False}
+
+
+def _is_off(value: Any, off: Any) -> bool:
+    """``value`` leaves a feature off: ``None``, or ``off`` itself (a bool only as a bool,
+    since ``True == 1.0`` would pass ``gain_scale``'s neutral value)."""
+    if value is None:
+        return True
+    if isinstance(off, bool) or isinstance(value, bool):
+        return value is off
+    return off is not None and value == off
 
 
 @dataclass(frozen=True)
@@ -69,7 +82,7 @@ def make_options(kwargs: Mapping[str, Any]) -> PipelineOptions:
         ValueError: an unknown or unsupported argument, or an invalid value (the message
             names it and says what to change).
     """
-    bad = [k for k in kwargs if k in UNSUPPORTED and kwargs[k] not in (None, False, 0, 0.0, 1.0)]
+    bad = [k for k in kwargs if k in UNSUPPORTED and not _is_off(kwargs[k], UNSUPPORTED[k])]
     if bad:
         raise ValueError(f"DGNOpt options {bad} are not supported with pipeline parallelism "
                          "(they need the whole game on one rank); use parallel.pp=1, or "

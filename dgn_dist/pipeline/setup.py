@@ -55,6 +55,13 @@ def check_pipeline(cfg: Config, world_size: int, game: Game | None = None) -> Pa
             raise DistributedSetupError(
                 "parallel.pp > 1 needs game.alignment_strategy='fixed' and game.ablation="
                 "'none' (alignment switching and ablations need the whole game on one rank)")
+        unsupported = [key for key, on in (("optim.dgnopt_kl_clip", cfg.optim.dgnopt_kl_clip > 0),
+                                          ("game.feedback_consistency",
+                                           cfg.game.feedback_consistency)) if on]
+        if unsupported:
+            raise DistributedSetupError(
+                f"parallel.pp > 1 does not support {' and '.join(unsupported)} (the pipelined "
+                "sweep does not implement it): turn it off (0 / false) or set parallel.pp=1")
     if game is not None:
         partition_stages(game, dims.pp, par.partition)
     return dims
