@@ -208,6 +208,11 @@ def test_committed_configs_match_the_paper_setup() -> None:
     # ... with the Table-2 recipe already in it, and the shared setup's (EKFAC's) damping
     assert load_config(t2.CONFIG_DIR / "digits_dgnopt.toml", list(t2.DGNOPT_RECIPE)) == quick
     assert quick.curvature.damping == cfg.curvature.damping
+    # Table 4's DGNOpt-GR runs at the Table-2 DGNOpt-GR setting too
+    t4 = load_config(t2.CONFIG_DIR / "table4_digits.toml")
+    assert load_config(t2.CONFIG_DIR / "table4_digits.toml", list(t2.DGNOPT_RECIPE)) == t4
+    assert (t4.game.info, t4.optim.lr, t4.curvature.damping) == (
+        "gr", lrs["dgnopt-gr"], cfg.curvature.damping)
     assert (quick.data.batch_size, quick.model.name) == (8, "digits_resnet")
 
 

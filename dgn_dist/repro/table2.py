@@ -18,10 +18,10 @@ skipped.
 
 Runtime, measured on the 2-core CPU shared with other jobs (``OMP_NUM_THREADS=1``, 15 epochs
 = 2430 steps per run; 15 epochs let every baseline level off, see ``test_acc.png``): one epoch
-takes about 0.25 s (SGD, RMSprop, Adam), 0.6-1.5 s (EKFAC), 4.5 s (EMSA) and 5 s
-(DGNOpt-FNE, DGNOpt-GR); the five baselines x 6 seeds took 9 min 26 s, the whole table
-(7 optimizers x 6 seeds) 21 min 53 s. ``--tune`` (5 grid points x 2 seeds) took 15 min for
-the five baselines; DGNOpt's two rows were tuned with ``--tune-seeds 1`` (about 13 min).
+takes about 0.25 s (SGD, RMSprop, Adam), 0.6-1.5 s (EKFAC), 4.5 s (EMSA) and 2 s
+(DGNOpt-FNE, DGNOpt-GR, with :data:`DGNOPT_RECIPE`); the five baselines x 6 seeds took
+9 min 26 s. ``--tune`` (5 grid points x 2 seeds) took 15 min for the five baselines;
+``--tune --optimizers dgnopt-fne,dgnopt-gr --seeds 6`` (tuning and both rows) 17 min.
 DGNOpt adds :data:`DGNOPT_RECIPE` (EKFAC's KL clipping, the closed-loop consistency scale);
 every other setting, EKFAC's damping included, is shared.
 """
