@@ -59,7 +59,7 @@ NUM_CLASSES = 10
 #: ``dgn-bench NAME ...``: the distributed benchmarks.
 SUBCOMMANDS = {"dp": "dgn_dist.distributed.bench", "pipeline": "dgn_dist.pipeline.bench",
                "pipeline-convergence": "dgn_dist.pipeline.convergence",
-               "parity": "dgn_dist.parity"}
+               "parity": "dgn_dist.parity", "floor": "dgn_dist.pass_floor"}
 
 
 @dataclass
@@ -289,9 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``dgn-bench``; 0 on success, 2 for bad arguments.
 
-    ``dgn-bench dp ...`` and ``dgn-bench pipeline ...`` run the data-parallel
-    (:mod:`dgn_dist.distributed.bench`) and pipeline (:mod:`dgn_dist.pipeline.bench`)
-    benchmarks instead.
+    ``dgn-bench dp ...``, ``dgn-bench pipeline ...`` and ``dgn-bench floor ...`` run the
+    data-parallel (:mod:`dgn_dist.distributed.bench`), pipeline
+    (:mod:`dgn_dist.pipeline.bench`) and pass-floor (:mod:`dgn_dist.pass_floor`) benchmarks
+    instead.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in SUBCOMMANDS:

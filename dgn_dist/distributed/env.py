@@ -293,6 +293,12 @@ def init_distributed(backend: str = "auto", device: str = "auto",
         dist.init_process_group(backend=be, store=_attempt_store(launch, timeout),
                                 rank=launch.rank, world_size=launch.world_size, timeout=timeout,
                                 device_id=dev if dev.type == "cuda" else None)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        # A rank can leave init_process_group while its peer is still connecting (gloo's
+        # full-mesh handshake); if it then stops on a bad setting (ConfigError, the usual
+        # case right after init), the peer fails with "connection closed by peer" instead of
+        # that message. Once every rank has passed this barrier, every rank is connected.
+        dist.barrier()
     _CONTEXT = DistContext(launch.rank, launch.world_size, launch.local_rank, dev, be,
                            launch.launcher, launch.rank == 0)
     return _CONTEXT
