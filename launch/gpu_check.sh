@@ -2,7 +2,8 @@
 # One prepared GPU check (about 4 minutes on one H100): float64 parity of the optimizers on
 # the device against the CPU, step time and memory of SGD / EKFAC / DGNOpt-FNE / DGNOpt-GR (and
 # of DGNOpt with other per-sample chunk budgets), the most expensive CUDA kernels of a DGNOpt
-# ResNet-18 step, a bf16 DGNOpt training run, and NCCL initialisation under torchrun.
+# ResNet-18 step, the cost floor of DGNOpt's passes (dgn-bench floor), a bf16 DGNOpt training
+# run, and NCCL initialisation under torchrun.
 #
 #   OUT=/some/dir bash launch/gpu_check.sh
 #   OUT=/tmp/x DEVICE=cpu MODELS=digits_resnet STEPS=20 bash launch/gpu_check.sh  # plumbing only
@@ -15,6 +16,8 @@
 #   bench_gpu.txt    dgn-bench on the device: ms/step and peak MiB per optimizer
 #   bench_gpu.json   the same, raw
 #   profile.txt      torch.profiler: the most expensive kernels of a DGNOpt ResNet-18 step
+#   floor.json       dgn-bench floor: forward/backward pass times, EKFAC and DGNOpt steps, the
+#                    floor B + 3F of DGNOpt's extra passes against the 1.2x budget
 #   train_bf16.json  summary.json of a DGNOpt run on DIGITS under bf16 autocast
 #   train_nccl.json  summary.json of the same run under torchrun (NCCL process group)
 #   log.txt          everything the commands printed
@@ -71,6 +74,11 @@ done
 section "profile of DGNOpt on $PROFILE_MODEL" 75 bash -c "
   '$PY' -m dgn_dist.bench --device '$DEVICE' --models '$PROFILE_MODEL' --optimizers dgnopt \
       --batch-size 128 --steps 1 --warmup 2 --profile 25 > '$OUT/profile.txt' 2>&1"
+
+# The cost floor of the passes Alg. 1 adds to EKFAC (B + 3F) against the 1.2x budget.
+section "floor of DGNOpt's passes on $PROFILE_MODEL" 90 "$PY" -m dgn_dist.bench floor \
+    --device "$DEVICE" --models "$PROFILE_MODEL" --batch-size 128 --repeats 5 --steps 5 \
+    --warmup 2 --json "$OUT/floor.json"
 
 section "DGNOpt on DIGITS, $DEVICE, bf16 autocast" 75 "$PY" -m dgn_dist.train \
     --config configs/digits_dgnopt.toml run.device="$DEVICE" run.max_steps="$STEPS" \

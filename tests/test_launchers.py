@@ -163,8 +163,8 @@ def test_dp_benchmark_reports_bytes_and_ratios(tmp_path: Path) -> None:
 
 def test_gpu_check_script_plumbing_on_cpu(tmp_path: Path) -> None:
     """launch/gpu_check.sh (the prepared device check) runs end to end with DEVICE=cpu and
-    writes its result files: the parity rows, the benchmark rows, the profile and both
-    training summaries."""
+    writes its result files: the parity rows, the benchmark rows, the profile, the pass
+    floor and both training summaries."""
     out = tmp_path / "out"
     env = {**os.environ, "OUT": str(out), "DEVICE": "cpu", "MODELS": "digits_resnet",
            "PROFILE_MODEL": "digits_resnet",
@@ -174,12 +174,14 @@ def test_gpu_check_script_plumbing_on_cpu(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert {p.name for p in out.iterdir()} == {
         "env.txt", "parity.txt", "bench_gpu.txt", "bench_gpu.json", "profile.txt",
-        "train_bf16.json", "train_nccl.json", "log.txt"}
+        "floor.json", "train_bf16.json", "train_nccl.json", "log.txt"}
     parity = (out / "parity.txt").read_text()
     assert parity.count(" ok") == 8 and "FAIL" not in parity, parity
     rows = json.loads((out / "bench_gpu.json").read_text())["results"]
     assert [r["optimizer"] for r in rows] == ["sgd", "ekfac", "dgnopt", "dgnopt-gr"]
     assert "profile of 2 steps" in (out / "profile.txt").read_text()
+    (floor,) = json.loads((out / "floor.json").read_text())
+    assert floor["model"] == "digits_resnet" and floor["floor_s"] > 0
     for name in ("train_bf16.json", "train_nccl.json"):
         summary = json.loads((out / name).read_text())
         assert summary["steps"] == 10 and 0.0 <= summary["test_acc"] <= 100.0

@@ -85,8 +85,8 @@ def make_options(kwargs: Mapping[str, Any]) -> PipelineOptions:
     bad = [k for k in kwargs if k in UNSUPPORTED and not _is_off(kwargs[k], UNSUPPORTED[k])]
     if bad:
         raise ValueError(f"DGNOpt options {bad} are not supported with pipeline parallelism "
-                         "(they need the whole game on one rank); use parallel.pp=1, or "
-                         "game.alignment_strategy='fixed' and game.ablation='none'")
+                         "(the pipelined sweep does not implement them; most need the whole "
+                         "game on one rank): turn them off or use parallel.pp=1")
     unknown = [k for k in kwargs if k not in DEFAULTS and k not in UNSUPPORTED]
     if unknown:
         raise ValueError(f"unknown DGNOpt options {unknown}; valid: {', '.join(DEFAULTS)}")
