@@ -175,10 +175,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     floors = []
     for model_name in [m.strip() for m in args.models.split(",") if m.strip()]:
-        passes = time_passes(model_name, args.batch_size, args.repeats, device)
-        steps = [measure(model_name, name, args.batch_size, args.steps, args.warmup,
-                         device).median_ms / 1000.0 for name in ("ekfac", "dgnopt")]
-        floor = Floor(model_name, args.batch_size, *passes, *steps, ratio=args.ratio)
+        forward_s, backward_s, input_backward_s = time_passes(
+            model_name, args.batch_size, args.repeats, device)
+        ekfac_s, dgnopt_s = (measure(model_name, name, args.batch_size, args.steps,
+                                     args.warmup, device).median_ms / 1000.0
+                             for name in ("ekfac", "dgnopt"))
+        floor = Floor(model_name, args.batch_size, forward_s, backward_s, input_backward_s,
+                      ekfac_s, dgnopt_s, args.ratio)
         print(format_floor(floor), flush=True)
         floors.append(floor)
     if args.json is not None:
