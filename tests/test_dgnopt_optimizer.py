@@ -257,6 +257,8 @@ def test_repeated_skips_stop_at_the_damping_cap_with_a_clear_error() -> None:
     ({"inverse_interval": 0}, "inverse_interval"), ({"weight_decay": -1.0}, "weight_decay"),
     ({"feedback_scale": -1.0}, "feedback_scale"), ({"alignment": "third"}, "alignment"),
     ({"info": "gr", "curvature": "diag"}, "cooperative form"),
+    ({"kl_clip": -1e-3}, "kl_clip must be >= 0"),
+    ({"feedback_consistency": "yes"}, "feedback_consistency must be true or false"),
 ])
 def test_hyper_parameters_validated(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):

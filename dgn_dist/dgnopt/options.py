@@ -42,3 +42,5 @@ def check_options(*, lr: float, info: str, curvature: str, vxx: str, rank: int,
     need(stats_every >= 0, f"stats_every must be >= 0; got {stats_every}")
     need(chunk_mb >= 0, f"chunk_mb must be >= 0 (0 = auto); got {chunk_mb}")
     need(kl_clip >= 0, f"kl_clip must be >= 0 (0 = off); got {kl_clip}")
+    need(isinstance(feedback_consistency, bool),
+         f"feedback_consistency must be true or false; got {feedback_consistency!r}")
