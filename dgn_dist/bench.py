@@ -44,12 +44,19 @@ from pathlib import Path
 from typing import Any
 
 from dgn_dist.allocator import add_allocator_argument, configure_cpu_allocator
+from dgn_dist.config import load_config
+from dgn_dist.config.recipes import DGNOPT_RECIPE
 from dgn_dist.config.schema import Config, ModelConfig, OptimConfig
 
 MODEL_CHOICES = typing.get_args(typing.get_type_hints(ModelConfig)["name"])
 #: Benchmark names: the trainer's ``optim.name`` choices, plus ``dgnopt-gr`` (DGNOpt with
 #: ``game.info = "gr"``; plain ``dgnopt`` is the default ``fne``).
-VARIANTS: dict[str, tuple[str, str]] = {"dgnopt-gr": ("dgnopt", "gr")}
+#: Benchmark names beyond ``optim.name``: ``(optim.name, game.info, config overrides)``.
+#: ``dgnopt-recipe`` is DGNOpt-FNE with the DIGITS recipe's closed-loop settings
+#: (:data:`dgn_dist.config.recipes.DGNOPT_RECIPE`) at the benchmark's shared damping.
+VARIANTS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "dgnopt-gr": ("dgnopt", "gr", ()),
+    "dgnopt-recipe": ("dgnopt", "fne", DGNOPT_RECIPE)}
 OPTIM_CHOICES = typing.get_args(typing.get_type_hints(OptimConfig)["name"]) + tuple(VARIANTS)
 INPUT_SHAPES: dict[str, tuple[int, int, int]] = {
     "digits_resnet": (1, 8, 8), "mnist_resnet": (1, 28, 28), "mlp": (1, 8, 8)}
@@ -125,10 +132,10 @@ class MemoryProbe:
 
 def bench_config(model_name: str, optim_name: str, lr: float) -> Config:
     """The config of one benchmark pair (``optim_name`` may be a :data:`VARIANTS` name)."""
-    cfg = Config()
+    name, info, overrides = VARIANTS.get(optim_name, (optim_name, Config().game.info, ()))
+    cfg = load_config(None, list(overrides))
     cfg.model.name = model_name  # type: ignore[assignment]
-    cfg.optim.name, info = VARIANTS.get(optim_name, (optim_name, cfg.game.info))  # type: ignore[assignment]
-    cfg.game.info = info  # type: ignore[assignment]
+    cfg.optim.name, cfg.game.info = name, info  # type: ignore[assignment]
     cfg.optim.lr = lr
     return cfg
 

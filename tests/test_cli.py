@@ -151,6 +151,23 @@ def test_bench_runs_one_tiny_step(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert "valid choices" in capsys.readouterr().err
 
 
+def test_bench_variants_carry_their_settings() -> None:
+    """``dgnopt-gr`` is GR; ``dgnopt-recipe`` is FNE with the DIGITS recipe's closed-loop
+    settings at the benchmark's shared damping (the same as EKFAC's there)."""
+    from dgn_dist.bench import OPTIM_CHOICES, bench_config
+    from dgn_dist.config.recipes import DGNOPT_RECIPE
+
+    assert {"dgnopt-gr", "dgnopt-recipe"} <= set(OPTIM_CHOICES)
+    gr, recipe, ekfac = (bench_config("resnet18", n, lr=0.01)
+                         for n in ("dgnopt-gr", "dgnopt-recipe", "ekfac"))
+    assert (gr.optim.name, gr.game.info, gr.game.feedback_consistency) == ("dgnopt", "gr", False)
+    assert (recipe.optim.name, recipe.game.info) == ("dgnopt", "fne")
+    assert (recipe.optim.dgnopt_kl_clip, recipe.game.feedback_consistency,
+            recipe.curvature.rescale) == (1e-3, True, False)
+    assert len(DGNOPT_RECIPE) == 3 and recipe.curvature.damping == ekfac.curvature.damping
+    assert recipe.model.name == "resnet18" and recipe.optim.lr == 0.01
+
+
 def test_bench_counts_operators(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """``--count-ops``: operators of one step per pair; Adam dispatches more than SGD, and
     DGNOpt (the sweep and the update pass) far more."""

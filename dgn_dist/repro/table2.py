@@ -19,11 +19,12 @@ skipped.
 Runtime, measured on the 2-core CPU shared with other jobs (``OMP_NUM_THREADS=1``, 15 epochs
 = 2430 steps per run; 15 epochs let every baseline level off, see ``test_acc.png``): one epoch
 takes about 0.25 s (SGD, RMSprop, Adam), 0.6-1.5 s (EKFAC), 4.5 s (EMSA) and 2 s
-(DGNOpt-FNE, DGNOpt-GR, with :data:`DGNOPT_RECIPE`); the five baselines x 6 seeds took
+(DGNOpt-FNE, DGNOpt-GR, with
+:data:`~dgn_dist.config.recipes.DGNOPT_RECIPE`); the five baselines x 6 seeds took
 9 min 26 s. ``--tune`` (5 grid points x 2 seeds) took 15 min for the five baselines;
 ``--tune --optimizers dgnopt-fne,dgnopt-gr --seeds 6`` (tuning and both rows) 17 min.
-DGNOpt adds :data:`DGNOPT_RECIPE` (EKFAC's KL clipping, the closed-loop consistency scale);
-every other setting, EKFAC's damping included, is shared.
+DGNOpt adds :data:`~dgn_dist.config.recipes.DGNOPT_RECIPE` (EKFAC's KL clipping, the
+closed-loop consistency scale); every other setting, EKFAC's damping included, is shared.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dgn_dist.config.recipes import DGNOPT_RECIPE
 from dgn_dist.repro.common import CONFIG_DIR, format_table, mean_std
 from dgn_dist.repro.tuning import (
     LR_RANGES,
@@ -58,16 +60,6 @@ class OptimizerSpec:
     paper: float
 
 
-#: DGNOpt's stabilisation (the paper gives none): EKFAC's own -- its damping 0.01 (shared
-#: setup) and KL clipping 1e-3 of the whole step ``lr·(k + K δx)`` -- plus the closed-loop
-#: consistency scale (``game.feedback_consistency``: ``K δx`` never over-corrects, ``V_xx``
-#: stays PSD) in place of the per-block rescaling. Chosen on the VALIDATION split (15 epochs,
-#: lr 0.3, mean final val accuracy): seeds 0-3, this recipe 99.13 %, with the rescaling
-#: 98.27 %, EKFAC's row 98.79 %; seeds 0-1, without the consistency scale the feedback
-#: diverges (9.7 %), damping 0.001 / 0.01 / 0.03 gave 96.2 / 98.6 / 98.6 %, and the earlier
-#: recipe (damping 0.3, rescaling, no clipping, lr 0.128) 97.9 %.
-DGNOPT_RECIPE: tuple[str, ...] = ("optim.dgnopt_kl_clip=0.001", "game.feedback_consistency=true",
-                                  "curvature.rescale=false")
 #: The paper's Table 2, DIGITS row; it reports one DGNOpt number (96.34), shown beside both.
 SPECS: dict[str, OptimizerSpec] = {s.label: s for s in (
     OptimizerSpec("sgd", "SGD", ('optim.name="sgd"',), 96.05),
@@ -91,7 +83,7 @@ LR_FILE_HEADER = (
     "mean final-epoch VALIDATION accuracy kept (tie-break: mean of the last 3 epochs); the "
     "test set is",
     "never read. [tuning.<opt>] records each grid, its scores, seeds, epochs and date.",
-    "The dgnopt-* rows (and their tuning) add DGNOPT_RECIPE of dgn_dist/repro/table2.py (KL",
+    "The dgnopt-* rows (and their tuning) add DGNOPT_RECIPE of dgn_dist/config/recipes.py (KL",
     "clipping 1e-3, game.feedback_consistency, no rescaling; chosen on the validation split);",
     "the rest, EKFAC's damping 0.01 included, is shared.",
 )

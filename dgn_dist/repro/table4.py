@@ -15,7 +15,7 @@ Prop. 5 under GR), with ``second`` it shares conv2's output group -- different u
 * DIGITS (``configs/table4_digits.toml``): the Table-2 DIGITS net (1 block, 5 maps, Tanh,
   batch 8) with the conv shortcut; EKFAC at its Table-2 tuned lr 0.3 / damping 0.01;
   DGNOpt at its Table-2 setting (lr 0.128, EKFAC's damping 0.01 and KL clipping,
-  ``game.feedback_consistency``: :data:`dgn_dist.repro.table2.DGNOPT_RECIPE`).
+  ``game.feedback_consistency``: :data:`dgn_dist.config.recipes.DGNOPT_RECIPE`).
 * MNIST net (``configs/table4_mnist.toml``): 3 blocks of 12 maps, ReLU, conv shortcuts,
   batch 32; MNIST from ``data.root`` when its files are there, else synthetic 1x28x28
   class-template images (``--mnist-train-size`` of them), ``--mnist-steps`` steps.
