@@ -293,6 +293,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def first_bad_bound(bounds: Sequence[tuple[str, float, float]]) -> bool:
+    """Print ``error: FLAG must be >= LOW`` for the first ``(flag, value, low)`` with
+    ``value < low``; True when there was one (the command then exits 2)."""
+    for flag, value, low in bounds:
+        if value < low:
+            print(f"error: {flag} must be >= {low}, got {value}", file=sys.stderr)
+            return True
+    return False
+
+
+def resolve_bench_device(name: str, cpu_allocator: str) -> Any | None:
+    """Apply ``--cpu-allocator`` (before torch allocates), then resolve ``--device``;
+    ``None`` after printing the error (the command then exits 2)."""
+    configure_cpu_allocator(cpu_allocator)
+    from dgn_dist.device import DeviceError, resolve_device
+
+    try:
+        return resolve_device(name)
+    except DeviceError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``dgn-bench``; 0 on success, 2 for bad arguments.
 
@@ -309,23 +332,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exit_:
         return int(exit_.code or 0)
-    for flag, value, low in (("--batch-size", args.batch_size, 1), ("--steps", args.steps, 1),
-                             ("--warmup", args.warmup, 0),
-                             ("--stats-every", args.stats_every, 0),
-                             ("--profile", args.profile, 0), ("--chunk-mb", args.chunk_mb, 0)):
-        if value < low:
-            print(f"error: {flag} must be >= {low}, got {value}", file=sys.stderr)
-            return 2
-    configure_cpu_allocator(args.cpu_allocator)
+    if first_bad_bound((("--batch-size", args.batch_size, 1), ("--steps", args.steps, 1),
+                        ("--warmup", args.warmup, 0), ("--stats-every", args.stats_every, 0),
+                        ("--profile", args.profile, 0), ("--chunk-mb", args.chunk_mb, 0))):
+        return 2
+    device = resolve_bench_device(args.device, args.cpu_allocator)
+    if device is None:
+        return 2
     import torch
 
-    from dgn_dist.device import DeviceError, resolve_device
-
-    try:
-        device = resolve_device(args.device)
-    except DeviceError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     optimizers = ["sgd"] + [o for o in args.optimizers if o != "sgd"]
     # One throwaway step first: lazy library initialisation would otherwise be charged to
     # the first measurement's time and memory.

@@ -30,8 +30,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from dgn_dist.allocator import CHOICES as ALLOCATORS
-from dgn_dist.allocator import DEFAULT_CPU_ALLOCATOR, configure_cpu_allocator
+from dgn_dist.allocator import add_allocator_argument
+from dgn_dist.bench import (
+    DEFAULT_SHAPE,
+    INPUT_SHAPES,
+    NUM_CLASSES,
+    bench_config,
+    first_bad_bound,
+    measure,
+    resolve_bench_device,
+)
 
 
 @dataclass
@@ -56,16 +64,19 @@ class Floor:
         return (self.ratio - 1.0) * self.ekfac_step_s
 
 
-def median_seconds(run: Callable[[], object], repeats: int, sync: Callable[[], None]) -> float:
-    """Median wall time of ``run()`` over ``repeats`` calls after one untimed call."""
-    run()
+def median_seconds(run: Callable[[Any], object], repeats: int, sync: Callable[[], None],
+                   prepare: Callable[[], Any] = lambda: None) -> float:
+    """Median wall time of ``run(prepare())`` over ``repeats`` calls after one untimed call;
+    ``prepare`` (e.g. building an autograd graph) is not timed."""
     times = []
-    for _ in range(repeats):
+    for i in range(repeats + 1):
+        arg = prepare()
         sync()
         start = time.perf_counter()
-        run()
+        run(arg)
         sync()
-        times.append(time.perf_counter() - start)
+        if i:
+            times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
@@ -76,7 +87,6 @@ def time_passes(model_name: str, batch_size: int, repeats: int,
     import torch
     import torch.nn.functional as F
 
-    from dgn_dist.bench import DEFAULT_SHAPE, INPUT_SHAPES, NUM_CLASSES, bench_config
     from dgn_dist.models import build_model
 
     def sync() -> None:
@@ -91,28 +101,21 @@ def time_passes(model_name: str, batch_size: int, repeats: int,
     y = torch.randint(0, NUM_CLASSES, (batch_size,), device=device)
     params = [p for p in model.parameters() if p.requires_grad]
 
-    def forward() -> None:
+    def forward(_: object) -> None:
         with torch.no_grad():
             model(x)
 
-    def backward_time(roots: list[torch.Tensor]) -> float:
-        times = []
-        for i in range(repeats + 1):
-            loss = F.cross_entropy(model(x), y)  # the graph is built untimed
-            sync()
-            start = time.perf_counter()
-            torch.autograd.grad(loss, roots)
-            sync()
-            if i:
-                times.append(time.perf_counter() - start)
-        return statistics.median(times)
+    def loss() -> torch.Tensor:  # the graph a backward runs through (built untimed)
+        return F.cross_entropy(model(x), y)
 
     forward_s = median_seconds(forward, repeats, sync)
     x.requires_grad_(True)
-    backward_s = backward_time([*params, x])
+    backward_s = median_seconds(lambda out: torch.autograd.grad(out, [*params, x]), repeats,
+                                sync, loss)
     for p in params:
         p.requires_grad_(False)
-    input_backward_s = backward_time([x])
+    input_backward_s = median_seconds(lambda out: torch.autograd.grad(out, [x]), repeats,
+                                      sync, loss)
     return forward_s, backward_s, input_backward_s
 
 
@@ -145,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ratio", type=float, default=1.2,
                         help="the target T_DGNOpt <= ratio * T_EKFAC (default 1.2)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--cpu-allocator", choices=ALLOCATORS, default=DEFAULT_CPU_ALLOCATOR)
+    add_allocator_argument(parser)
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     return parser
 
@@ -156,22 +159,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exit_:
         return int(exit_.code or 0)
-    for flag, value in (("--batch-size", args.batch_size), ("--repeats", args.repeats),
-                        ("--steps", args.steps)):
-        if value < 1:
-            print(f"error: {flag} must be >= 1, got {value}", file=sys.stderr)
-            return 2
+    if first_bad_bound((("--batch-size", args.batch_size, 1), ("--repeats", args.repeats, 1),
+                        ("--steps", args.steps, 1), ("--warmup", args.warmup, 0))):
+        return 2
     if args.ratio <= 1.0:
         print(f"error: --ratio must be > 1, got {args.ratio}", file=sys.stderr)
         return 2
-    configure_cpu_allocator(args.cpu_allocator)
-    from dgn_dist.bench import measure
-    from dgn_dist.device import DeviceError, resolve_device
-
-    try:
-        device = resolve_device(args.device)
-    except DeviceError as err:
-        print(f"error: {err}", file=sys.stderr)
+    device = resolve_bench_device(args.device, args.cpu_allocator)
+    if device is None:
         return 2
     floors = []
     for model_name in [m.strip() for m in args.models.split(",") if m.strip()]:
